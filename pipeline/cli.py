@@ -1,0 +1,103 @@
+"""The ``avforge`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.errors import AvforgeError
+
+log = logging.getLogger("avforge")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    overrides = list(args.set or [])
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    config = load_config(args.config, overrides)
+    summary = run_pipeline(args.input, args.output, config, backend=args.backend)
+    print("\n".join(["", "avforge run finished", *summary.lines()]))
+    print(f"shards:      {summary.output / 'shards'}  (open with webdataset: see README 'Reading the output')")
+    return 0
+
+
+def _cmd_samples(args: argparse.Namespace) -> int:
+    from pipeline.samples import generate_corpus
+
+    videos = generate_corpus(Path(args.dir), count=args.count, seed=args.seed, duration=args.duration)
+    out = Path(args.dir)
+    if args.base_url:
+        base = args.base_url.rstrip("/")
+        (out / "urls.txt").write_text("".join(f"{base}/{v.path.name}\n" for v in videos))
+        print(f"wrote {len(videos)} videos and {out / 'urls.txt'}")
+    else:
+        print(f"wrote {len(videos)} videos; input list: {out / 'inputs.txt'}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    run_bench(Path(args.workdir), count=args.count, scales=args.scales, backend=args.backend)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avforge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on an input LIST into an output DIR (resumes)")
+    run.add_argument("--input", required=True, type=Path, help="txt/csv/jsonl/parquet list of URLs or paths")
+    run.add_argument("--output", required=True, type=Path, help="output folder")
+    run.add_argument("--config", type=Path, help="YAML config file")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. split.mode=shots")
+    run.add_argument("--address", help="Ray cluster address (default: start Ray in-process)")
+    run.add_argument("--backend", choices=["ray", "sequential"], default="ray", help="sequential: no Ray, in-process")
+    run.set_defaults(func=_cmd_run)
+
+    samples = sub.add_parser("samples", help="generate a small synthetic corpus (videos + true transcripts and cuts)")
+    samples.add_argument("dir", type=Path)
+    samples.add_argument("--count", type=int, default=6)
+    samples.add_argument("--seed", type=int, default=0)
+    samples.add_argument("--duration", type=float, default=8.0, help="typical video length in seconds")
+    samples.add_argument("--base-url", help="also write urls.txt with this URL prefix (for serving over HTTP)")
+    samples.set_defaults(func=_cmd_samples)
+
+    bench = sub.add_parser("bench", help="benchmark the pipeline against an ffmpeg decode floor")
+    bench.add_argument("--workdir", type=Path, default=Path("/tmp/avforge-bench"))
+    bench.add_argument("--count", type=int, default=8, help="videos in the 1x corpus")
+    bench.add_argument("--scales", type=int, nargs="+", default=[1, 4])
+    bench.add_argument("--backend", choices=["ray", "sequential"], default="ray")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except AvforgeError as exc:
+        print(f"avforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("avforge: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Apply one stage to one batch of rows, turning failures into data.
+
+Shared by the Ray runner and the in-process sequential runner, so both behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pipeline.errors import StageError, is_out_of_memory
+from pipeline.stage import Row, Stage
+
+log = logging.getLogger(__name__)
+
+
+def _is_active(stage: Stage, row: Row) -> bool:
+    if row.get("error_stage"):
+        return False
+    if stage.skip_dropped and row.get("drop_reason"):
+        return False
+    return True
+
+
+def error_fields(stage: Stage, exc: BaseException) -> dict[str, Any]:
+    error_type = exc.error_type if isinstance(exc, StageError) else type(exc).__name__
+    if is_out_of_memory(exc):
+        error_type = "out_of_memory"
+    message = str(exc) or type(exc).__name__
+    return {"error_stage": stage.name, "error_type": error_type, "error": message[:2000]}
+
+
+def _check(stage: Stage, rows: list[Row], results: list[Any]) -> None:
+    if not isinstance(results, list) or len(results) != len(rows):
+        got = len(results) if isinstance(results, list) else type(results).__name__
+        raise RuntimeError(f"stage {stage.name} returned {got} results for {len(rows)} rows")
+
+
+def _call(stage: Stage, rows: list[Row]) -> list[Any]:
+    """process_batch; on an exception, isolate it by retrying row by row (not on OOM)."""
+    try:
+        results = stage.process_batch(rows)
+        _check(stage, rows, results)
+        return results
+    except Exception as exc:  # noqa: BLE001 - any stage failure becomes data
+        if len(rows) == 1 or is_out_of_memory(exc):
+            if len(rows) > 1:
+                log.warning("stage %s: out of memory on a batch of %d rows", stage.name, len(rows))
+            return [exc] * len(rows)
+        log.info("stage %s: batch of %d failed (%s); retrying row by row", stage.name, len(rows), exc)
+        out: list[Any] = []
+        for row in rows:
+            try:
+                single = stage.process_batch([row])
+                _check(stage, [row], single)
+                out.extend(single)
+            except Exception as row_exc:  # noqa: BLE001
+                out.append(row_exc)
+        return out
+
+
+def _with_update(stage: Stage, row: Row, update: dict[str, Any]) -> Row:
+    unknown = set(update) - set(stage.writes)
+    if unknown:
+        raise RuntimeError(f"stage {stage.name} wrote undeclared columns {sorted(unknown)}")
+    new = dict(row)
+    new.update(update)
+    return new
+
+
+def _log_error(stage: Stage, row: Row, fields: dict[str, Any]) -> None:
+    log.warning(
+        "stage %s failed on %s (%s): %s: %s",
+        stage.name,
+        row.get("key") or row.get("video_id"),
+        row.get("source_url"),
+        fields["error_type"],
+        fields["error"],
+    )
+
+
+def apply_stage(stage: Stage, rows: list[Row]) -> list[Row]:
+    """Run ``stage`` on ``rows``; failed and dropped rows pass through untouched."""
+    active = [r for r in rows if _is_active(stage, r)]
+    out: list[Row] = [r for r in rows if not _is_active(stage, r)]
+    if not active:
+        return out
+    started = time.perf_counter()
+    results = _call(stage, active)
+    share = (time.perf_counter() - started) / len(active)
+    for row, result in zip(active, results, strict=True):
+        timed = dict(row)
+        timed["timings"] = list(row.get("timings") or []) + [{"stage": stage.name, "seconds": share}]
+        if isinstance(result, BaseException):
+            fields = error_fields(stage, result)
+            _log_error(stage, row, fields)
+            out.append({**timed, **fields})
+            continue
+        try:
+            if stage.fan_out:
+                out.extend(_with_update(stage, timed, child) for child in result)
+            else:
+                out.append(_with_update(stage, timed, result))
+        except Exception as exc:  # noqa: BLE001 - a broken stage result still becomes data
+            fields = error_fields(stage, exc)
+            _log_error(stage, row, fields)
+            out.append({**timed, **fields})
+    return out

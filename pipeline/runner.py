@@ -1,0 +1,162 @@
+"""Run a job: ingest, stages (on Ray Data or in-process), sink, final outputs and stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig, dump_config
+from pipeline.executor import apply_stage
+from pipeline.registry import build_stages
+from pipeline.sink import ResumeState, Sink, finalize_outputs
+from pipeline.stage import Row, Stage, StageContext
+from stages.ingest import read_inputs
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["ray", "sequential"]
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    inputs: int
+    kept: int
+    rejected: int
+    errors: int
+    wall_seconds: float
+    video_seconds: float
+    stats: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        rate = self.video_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        return [
+            f"inputs:      {self.inputs}",
+            f"clips kept:  {self.kept}",
+            f"rejected:    {self.rejected}",
+            f"errors:      {self.errors}",
+            f"wall time:   {self.wall_seconds:.1f} s",
+            f"throughput:  {rate:.2f} video-seconds per second (this run)",
+            f"output:      {self.output}",
+        ]
+
+
+def _sequential(stages: list[Stage], rows: list[Row], chunk: int = 8) -> Iterator[list[Row]]:
+    """In-process runner: same semantics as the Ray runner, one chunk of inputs at a time."""
+    for stage in stages:
+        stage.setup()
+    try:
+        for i in range(0, len(rows), chunk):
+            batch = rows[i : i + chunk]
+            for stage in stages:
+                out: list[Row] = []
+                for j in range(0, len(batch), stage.batch_size):
+                    out.extend(apply_stage(stage, batch[j : j + stage.batch_size]))
+                batch = out
+            yield batch
+    finally:
+        for stage in stages:
+            stage.teardown()
+
+
+def _stats(out_dir: Path, sink: Sink, summary: dict[str, int], inputs: int, wall: float, config: RunConfig) -> dict:
+    errors = pq.read_table(out_dir / "errors.parquet").to_pylist()
+    rejects = pq.read_table(out_dir / "rejects.parquet", columns=["drop_reason"]).column(0).to_pylist()
+    video_errors = [e for e in errors if e["key"] is None]
+    previous: list[dict[str, Any]] = []
+    stats_path = out_dir / "stats.json"
+    if stats_path.exists():
+        try:
+            previous = json.loads(stats_path.read_text()).get("runs", [])
+        except (json.JSONDecodeError, AttributeError):
+            previous = []
+    run = {
+        "started_unix": time.time() - wall,
+        "wall_seconds": round(wall, 3),
+        "video_seconds": round(sink.video_seconds, 3),
+        "clips": dict(sink.counts),
+        "video_seconds_per_second": round(sink.video_seconds / wall, 3) if wall > 0 else None,
+        "clips_per_second": round(sum(sink.counts.values()) / wall, 3) if wall > 0 else None,
+        "stages": {
+            s: {"seconds": round(sink.stage_seconds[s], 3), "rows": sink.stage_rows[s]} for s in sink.stage_seconds
+        },
+    }
+    return {
+        "inputs": inputs,
+        "videos": {"errored": len({e["video_id"] for e in video_errors})},
+        "clips": {"kept": summary["kept"], "rejected": summary["rejected"], "errored": summary["errors"] - len(video_errors)},
+        "drop_reasons": dict(Counter(rejects)),
+        "errors": dict(Counter(f"{e['error_stage']}/{e['error_type']}" for e in errors)),
+        "runs": previous + [run],
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def run_pipeline(
+    input_list: str | Path,
+    output_dir: str | Path,
+    config: RunConfig,
+    *,
+    backend: Backend = "ray",
+) -> RunSummary:
+    """Run the whole job into ``output_dir``; a rerun resumes where an earlier run stopped."""
+    started = time.monotonic()
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(config.staging_dir).resolve() if config.staging_dir else out / "_staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.yaml"
+    text = dump_config(config)
+    if saved.exists() and saved.read_text() != text:
+        log.warning("config differs from the one saved in %s by an earlier run; resuming with the new one", saved)
+    saved.write_text(text)
+
+    state = ResumeState.load(out)
+    rows = read_inputs(input_list)
+    sink = Sink(out, config.write, state, staging)
+    todo: list[Row] = []
+    for row in rows:
+        if state.video_done(row["video_id"]):
+            continue
+        if row.get("error_stage"):
+            sink.add([row])
+        else:
+            todo.append(row)
+    log.info("%d inputs: %d to process, %d done earlier or unusable", len(rows), len(todo), len(rows) - len(todo))
+
+    stages = build_stages(config, StageContext(staging_dir=str(staging)))
+    try:
+        if todo:
+            if backend == "sequential":
+                for batch in _sequential(stages, todo):
+                    sink.add(batch)
+            else:
+                from pipeline.ray_runner import run_on_ray
+
+                for batch in run_on_ray(stages, todo, config):
+                    sink.add(batch)
+        sink.close()
+    except BaseException:
+        log.warning("run interrupted: keeping finished work; rerun the same command to resume")
+        sink.abort()
+        raise
+    counts = finalize_outputs(out)
+    wall = time.monotonic() - started
+    stats = _stats(out, sink, counts, len(rows), wall, config)
+    tmp = out / ".stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=False))
+    os.replace(tmp, out / "stats.json")
+    if not config.write.keep_staging and all(state.video_done(r["video_id"]) for r in rows):
+        import shutil
+
+        shutil.rmtree(staging / "clips", ignore_errors=True)
+    return RunSummary(out, len(rows), counts["kept"], counts["rejected"], counts["errors"], wall, sink.video_seconds, stats)

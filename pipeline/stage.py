@@ -1,0 +1,77 @@
+"""The stage contract. Stages never import Ray; ``pipeline.ray_runner`` maps them onto Ray Data.
+
+A stage declares the columns it ``reads`` and ``writes``, its ``resources`` and ``batch_size``,
+loads heavy things in ``setup()`` (never at import time or in ``__init__``) and implements
+``process_batch(rows)``:
+
+* a map stage returns one value per input row: a dict of updates (keys within ``writes``) or an
+  ``Exception`` instance, which marks that row as failed;
+* a fan-out stage (``fan_out = True``) returns one value per input row: a list of child updates
+  (each becomes a row: the parent row with the update applied) or an ``Exception`` instance.
+
+A stage may instead raise: the runner then retries the batch row by row to isolate the bad row
+(except on out-of-memory). Rows that already failed, and rows a filter marked with
+``drop_reason`` (when ``skip_dropped``), pass through a stage untouched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel
+
+Row = dict[str, Any]
+C = TypeVar("C", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs.
+
+    ``cpus`` and ``gpus`` may be fractional. ``pool_size`` is the number of actors for a
+    stateful stage, or the maximum number of concurrent tasks for a stateless one.
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    pool_size: int = 1
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Run-wide settings a stage may need: where to put intermediate media."""
+
+    staging_dir: str = "/tmp/avforge-staging"
+
+
+class Stage(ABC, Generic[C]):
+    name: ClassVar[str]
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+    fan_out: ClassVar[bool] = False
+    stateful: ClassVar[bool] = False  # True: model stages, run as an actor pool
+    skip_dropped: ClassVar[bool] = True
+
+    def __init__(self, config: C, context: StageContext | None = None) -> None:
+        self.config = config
+        self.context = context or StageContext()
+
+    @property
+    def resources(self) -> Resources:
+        return Resources()
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def setup(self) -> None:
+        """Load models and other heavy state. Called once per worker before any batch."""
+
+    def teardown(self) -> None:
+        """Release what ``setup`` took."""
+
+    @abstractmethod
+    def process_batch(self, rows: list[Row]) -> list[Any]:
+        """One value per row: an update dict (a list of them for fan-out) or an Exception."""

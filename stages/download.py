@@ -1,0 +1,228 @@
+"""Download: fetch each input into the staging area with yt-dlp (local paths used in place).
+
+Every failure gets a typed ``error_type``: ``not_found``, ``forbidden``, ``rate_limited``,
+``timeout``, ``unreachable``, ``server_error``, ``not_a_video``, ``empty_file``,
+``corrupt_media``, ``too_large``, ``too_long``, ``local_paths_disabled`` or ``download_failed``.
+Transient failures (rate limits, timeouts, 5xx) are retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from pipeline.config import DownloadConfig
+from pipeline.errors import StageError
+from pipeline.stage import Resources, Row, Stage
+from stages._media import probe
+
+log = logging.getLogger(__name__)
+
+_HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
+
+
+def classify_download_error(message: str) -> StageError:
+    """Map a yt-dlp error message to a typed StageError."""
+    m = _HTTP_STATUS.search(message)
+    if m:
+        code = int(m.group(1))
+        if code in (404, 410):
+            return StageError(message, "not_found")
+        if code in (401, 403, 451):
+            return StageError(message, "forbidden")
+        if code == 429:
+            return StageError(message, "rate_limited", transient=True)
+        if code >= 500:
+            return StageError(message, "server_error", transient=True)
+        return StageError(message, "download_failed")
+    low = message.lower()
+    if "timed out" in low or "timeout" in low:
+        return StageError(message, "timeout", transient=True)
+    if "unsupported url" in low or "no video formats" in low or "requested format is not available" in low:
+        return StageError(message, "not_a_video")
+    if "private video" in low or "sign in" in low or "members-only" in low:
+        return StageError(message, "forbidden")
+    if "video unavailable" in low or "not found" in low:
+        return StageError(message, "not_found")
+    if "larger than max-filesize" in low:
+        return StageError(message, "too_large")
+    if "connection refused" in low or "name or service not known" in low or "failed to resolve" in low:
+        return StageError(message, "unreachable", transient=True)
+    return StageError(message, "download_failed")
+
+
+class _YtdlpLogger:
+    """Route yt-dlp's output into logging and remember its last error and skip notes."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def debug(self, msg: str) -> None:
+        if not msg.startswith("[debug] "):
+            self.info(msg)
+
+    def info(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+        if "max-filesize" in msg or "does not pass filter" in msg:
+            self.notes.append(msg)
+
+    def warning(self, msg: str) -> None:
+        log.debug("yt-dlp warning: %s", msg)
+        self.notes.append(msg)
+
+    def error(self, msg: str) -> None:
+        log.debug("yt-dlp error: %s", msg)
+
+
+class DownloadStage(Stage[DownloadConfig]):
+    """Fetch URLs with yt-dlp into ``STAGING/videos``; local files are checked and used in place."""
+
+    name = "download"
+    reads = ("video_id", "source_url")
+    writes = ("local_path", "title", "video_duration")
+
+    @property
+    def resources(self) -> Resources:
+        # I/O bound: a fraction of a CPU each, bounded concurrency.
+        return Resources(cpus=0.25, pool_size=self.config.concurrency)
+
+    @property
+    def batch_size(self) -> int:
+        return 1
+
+    def process_batch(self, rows: list[Row]) -> list[Any]:
+        out: list[Any] = []
+        for row in rows:
+            try:
+                out.append(self._one(row))
+            except StageError as exc:
+                out.append(exc)
+        return out
+
+    # ------------------------------------------------------------------ one input
+
+    def _one(self, row: Row) -> dict[str, Any]:
+        url: str = row["source_url"]
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https", "ftp"):
+            path, title = self._fetch_with_retries(url, row["video_id"])
+        else:
+            if not self.config.allow_local_paths:
+                raise StageError("local paths and file:// URLs are disabled by config", "local_paths_disabled")
+            path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(url).expanduser()
+            path = path.resolve()
+            if not path.is_file():
+                raise StageError(f"no such file: {path}", "not_found")
+            title = path.stem
+        self._check_size(path)
+        info = probe(path)
+        cap = self.config.max_duration_seconds
+        if cap is not None and info.duration > cap:
+            raise StageError(f"duration {info.duration:.0f}s exceeds max_duration_seconds={cap:.0f}", "too_long")
+        return {"local_path": str(path), "title": title, "video_duration": info.duration}
+
+    def _check_size(self, path: Path) -> None:
+        cap = self.config.max_filesize_mb
+        size = path.stat().st_size
+        if cap is not None and size > cap * 1024 * 1024:
+            raise StageError(f"file is {size / 2**20:.1f} MiB, over max_filesize_mb={cap}", "too_large")
+
+    def _fetch_with_retries(self, url: str, video_id: str) -> tuple[Path, str | None]:
+        target_dir = Path(self.context.staging_dir) / "videos"
+        target_dir.mkdir(parents=True, exist_ok=True)
+        done = target_dir / f"{video_id}.done"
+        if done.exists():  # resume: downloaded by an earlier run
+            name, _, title = done.read_text().partition("\n")
+            cached = target_dir / name
+            if cached.is_file():
+                log.info("download %s: reusing %s", video_id, cached)
+                return cached, title or None
+        delay = self.config.backoff_seconds
+        for attempt in range(self.config.retries + 1):
+            if self.config.sleep_seconds:
+                time.sleep(self.config.sleep_seconds)
+            try:
+                path, title = self._fetch(url, video_id, target_dir)
+                done.write_text(f"{path.name}\n{title or ''}")
+                return path, title
+            except StageError as exc:
+                if not exc.transient or attempt == self.config.retries:
+                    raise
+                log.info("download %s: %s (attempt %d), retrying in %.1fs", url, exc.error_type, attempt + 1, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def _ytdlp_options(self, target_dir: Path, video_id: str, logger: _YtdlpLogger) -> dict[str, Any]:
+        from yt_dlp.utils import parse_bytes
+
+        cfg = self.config
+        height = cfg.max_height
+        fmt = cfg.format or (
+            f"bv*[height<={height}]+ba/b[height<={height}]/bv*+ba/b" if height else "bv*+ba/b"
+        )
+        opts: dict[str, Any] = {
+            "outtmpl": str(target_dir / f"{video_id}.%(ext)s"),
+            "format": fmt,
+            "merge_output_format": "mp4",
+            "noplaylist": True,
+            "quiet": True,
+            "no_warnings": False,
+            "noprogress": True,
+            "logger": logger,
+            "socket_timeout": cfg.timeout_seconds,
+            "retries": 0,  # retries are ours, with backoff and typed reasons
+            "fragment_retries": 2,
+            "overwrites": True,
+            "continuedl": False,
+            "cachedir": False,
+        }
+        if cfg.max_filesize_mb is not None:
+            opts["max_filesize"] = int(cfg.max_filesize_mb * 1024 * 1024)
+        if cfg.rate_limit:
+            opts["ratelimit"] = parse_bytes(cfg.rate_limit)
+        if cfg.proxy:
+            opts["proxy"] = cfg.proxy
+        if cfg.cookies_file:
+            opts["cookiefile"] = str(cfg.cookies_file)
+        if cfg.max_duration_seconds is not None:
+            cap = cfg.max_duration_seconds
+
+            def _duration_filter(info: dict[str, Any], *, incomplete: bool = False) -> str | None:
+                d = info.get("duration")
+                return f"duration {d}s exceeds {cap}s" if d and d > cap else None
+
+            opts["match_filter"] = _duration_filter
+        return opts
+
+    def _fetch(self, url: str, video_id: str, target_dir: Path) -> tuple[Path, str | None]:
+        import yt_dlp
+
+        logger = _YtdlpLogger()
+        try:
+            with yt_dlp.YoutubeDL(self._ytdlp_options(target_dir, video_id, logger)) as ydl:
+                info = ydl.extract_info(url, download=True)
+        except yt_dlp.utils.DownloadError as exc:
+            raise classify_download_error(str(exc)) from None
+        except OSError as exc:
+            raise classify_download_error(f"{type(exc).__name__}: {exc}") from None
+        if info is None:
+            raise StageError("; ".join(logger.notes) or "yt-dlp returned nothing", "download_failed")
+        if info.get("_type") == "playlist":
+            raise StageError("URL is a playlist; give one URL per video", "not_a_video")
+        downloads = info.get("requested_downloads") or []
+        files = [Path(d["filepath"]) for d in downloads if d.get("filepath")]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            notes = "; ".join(logger.notes)
+            if "max-filesize" in notes:
+                raise StageError(notes, "too_large")
+            if "does not pass filter" in notes:
+                raise StageError(notes, "too_long")
+            raise StageError(notes or "yt-dlp produced no file", "download_failed")
+        title = info.get("title")
+        return files[0], str(title) if title else None
