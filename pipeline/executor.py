@@ -80,14 +80,28 @@ def _log_error(stage: Stage, row: Row, fields: dict[str, Any]) -> None:
     )
 
 
+def _call_all(stage: Stage, rows: list[Row]) -> list[Any]:
+    """A global phase cannot be split row by row: a failure marks every row it saw."""
+    try:
+        results = stage.process_all(rows)
+        _check(stage, rows, results)
+        return results
+    except Exception as exc:  # noqa: BLE001
+        log.error("global stage %s failed: %s", stage.name, exc)
+        return [exc] * len(rows)
+
+
 def apply_stage(stage: Stage, rows: list[Row]) -> list[Row]:
-    """Run ``stage`` on ``rows``; failed and dropped rows pass through untouched."""
+    """Run ``stage`` on ``rows``; failed and dropped rows pass through untouched.
+
+    A ``global_phase`` stage gets all ``rows`` in one ``process_all`` call.
+    """
     active = [r for r in rows if _is_active(stage, r)]
     out: list[Row] = [r for r in rows if not _is_active(stage, r)]
     if not active:
         return out
     started = time.perf_counter()
-    results = _call(stage, active)
+    results = _call_all(stage, active) if stage.global_phase else _call(stage, active)
     share = (time.perf_counter() - started) / len(active)
     for row, result in zip(active, results, strict=True):
         timed = dict(row)

@@ -126,4 +126,4 @@ def run_on_ray(stages: list[Stage], rows: list[Row], config: RunConfig) -> Itera
     ds = build_dataset(stages, rows, config)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         yield batch.to_pylist()
-    log.info("Ray Data stats:\n%s", ds.stats())
+    log.debug("Ray Data stats:\n%s", ds.stats())

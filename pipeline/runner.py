@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +50,20 @@ class RunSummary:
         ]
 
 
+def split_phases(stages: list[Stage]) -> list[tuple[list[Stage], Stage | None]]:
+    """Cut the stage list at global phases: [(streaming stages, global stage or None), ...]."""
+    phases: list[tuple[list[Stage], Stage | None]] = []
+    current: list[Stage] = []
+    for stage in stages:
+        if stage.global_phase:
+            phases.append((current, stage))
+            current = []
+        else:
+            current.append(stage)
+    phases.append((current, None))
+    return phases
+
+
 def _sequential(stages: list[Stage], rows: list[Row], chunk: int = 8) -> Iterator[list[Row]]:
     """In-process runner: same semantics as the Ray runner, one chunk of inputs at a time."""
     for stage in stages:
@@ -66,6 +80,45 @@ def _sequential(stages: list[Stage], rows: list[Row], chunk: int = 8) -> Iterato
     finally:
         for stage in stages:
             stage.teardown()
+
+
+def _run_phases(stages: list[Stage], rows: list[Row], config: RunConfig, backend: Backend, sink: Sink) -> None:
+    """Stream rows through the stages; at a global phase gather every row, apply it, go on.
+
+    Rows that failed or were dropped before a global phase go to the sink at once.
+    """
+    phases = split_phases(stages)
+    for n, (streaming, barrier) in enumerate(phases):
+        if not rows:
+            return
+        last = barrier is None and n == len(phases) - 1
+        batches: Iterable[list[Row]]
+        if not streaming:
+            batches = [rows]
+        elif backend == "sequential":
+            batches = _sequential(streaming, rows)
+        else:
+            from pipeline.ray_runner import run_on_ray
+
+            batches = run_on_ray(streaming, rows, config)
+        if last:
+            for batch in batches:
+                sink.add(batch)
+            return
+        gathered: list[Row] = []
+        for batch in batches:
+            for row in batch:
+                if row.get("error_stage") or row.get("drop_reason"):
+                    sink.add([row])
+                else:
+                    gathered.append(row)
+        assert barrier is not None
+        log.info("global phase %s over %d rows", barrier.name, len(gathered))
+        barrier.setup()
+        try:
+            rows = apply_stage(barrier, gathered)
+        finally:
+            barrier.teardown()
 
 
 def _stats(out_dir: Path, sink: Sink, summary: dict[str, int], inputs: int, wall: float, config: RunConfig) -> dict:
@@ -135,15 +188,7 @@ def run_pipeline(
 
     stages = build_stages(config, StageContext(staging_dir=str(staging)))
     try:
-        if todo:
-            if backend == "sequential":
-                for batch in _sequential(stages, todo):
-                    sink.add(batch)
-            else:
-                from pipeline.ray_runner import run_on_ray
-
-                for batch in run_on_ray(stages, todo, config):
-                    sink.add(batch)
+        _run_phases(stages, todo, config, backend, sink)
         sink.close()
     except BaseException:
         log.warning("run interrupted: keeping finished work; rerun the same command to resume")

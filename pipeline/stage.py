@@ -53,6 +53,9 @@ class Stage(ABC, Generic[C]):
     fan_out: ClassVar[bool] = False
     stateful: ClassVar[bool] = False  # True: model stages, run as an actor pool
     skip_dropped: ClassVar[bool] = True
+    # A global phase (e.g. dedup) needs every row at once: the runner gathers all rows that
+    # reach it, calls ``process_all`` once on the driver, then streams on.
+    global_phase: ClassVar[bool] = False
 
     def __init__(self, config: C, context: StageContext | None = None) -> None:
         self.config = config
@@ -75,3 +78,7 @@ class Stage(ABC, Generic[C]):
     @abstractmethod
     def process_batch(self, rows: list[Row]) -> list[Any]:
         """One value per row: an update dict (a list of them for fan-out) or an Exception."""
+
+    def process_all(self, rows: list[Row]) -> list[Any]:
+        """Global phase over every active row; by default the same as one big batch."""
+        return self.process_batch(rows)
