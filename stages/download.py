@@ -48,6 +48,8 @@ def classify_download_error(message: str) -> StageError:
         return StageError(message, "forbidden")
     if "video unavailable" in low or "not found" in low:
         return StageError(message, "not_found")
+    if "did not get any data blocks" in low:
+        return StageError(message, "empty_file")
     if "larger than max-filesize" in low:
         return StageError(message, "too_large")
     if "connection refused" in low or "name or service not known" in low or "failed to resolve" in low:
