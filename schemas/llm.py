@@ -1,0 +1,183 @@
+"""The JSON answers asked of the LLM, declared once.
+
+Each preset in ``prompts/`` names one answer shape here (its ``answer`` key). From each pydantic
+model derive both the JSON schema shown to the model (and enforced by backends that support
+constrained decoding) and the validator of its raw answer: ``answer_schema(name)`` and
+``parse_answer(name, text)``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+JudgeFlag = Literal["contradicts_signals", "no_information", "unsafe"]
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class MMTrailAnswer(Answer):
+    """MMTrail style: one audio-visual caption plus one caption per modality ("" when absent)."""
+
+    audio_visual_caption: str = Field(min_length=1, max_length=1000)
+    visual_caption: str = Field(max_length=600)
+    audio_caption: str = Field(max_length=600)
+    music_caption: str = Field(max_length=600)
+    speech_caption: str = Field(max_length=600)
+
+
+class WavCapsAnswer(Answer):
+    """WavCaps style: a short audio caption from noisy text, or a rejection."""
+
+    about_sound: bool
+    caption: str = Field(max_length=300)
+
+    @model_validator(mode="after")
+    def _caption_when_kept(self) -> WavCapsAnswer:
+        if self.about_sound and not self.caption:
+            raise ValueError("caption must not be empty when about_sound is true")
+        return self
+
+
+class TimedCaption(Answer):
+    start: float = Field(ge=0)
+    end: float = Field(ge=0)
+    text: str = Field(min_length=1, max_length=400)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimedCaption:
+        if self.end < self.start:
+            raise ValueError("end must not be before start")
+        return self
+
+
+class HowToCaptionAnswer(Answer):
+    """HowToCaption style: timestamped captions derived from a timestamped transcript."""
+
+    captions: list[TimedCaption] = Field(min_length=1, max_length=32)
+
+
+class FAVDAnswer(Answer):
+    """FAVD style paragraph: one summary sentence, then visual details, then audio details."""
+
+    summary: str = Field(min_length=1, max_length=400)
+    visual_details: str = Field(min_length=1, max_length=1200)
+    audio_details: str = Field(min_length=1, max_length=1200)
+
+
+class JudgeAnswer(Answer):
+    """A caption-quality verdict."""
+
+    score: int = Field(ge=1, le=5)
+    reasons: list[str] = Field(max_length=5)
+    flags: list[JudgeFlag] = Field(max_length=3)
+
+
+ANSWERS: dict[str, type[Answer]] = {
+    "mmtrail": MMTrailAnswer,
+    "wavcaps": WavCapsAnswer,
+    "howtocaption": HowToCaptionAnswer,
+    "favd": FAVDAnswer,
+    "judge": JudgeAnswer,
+}
+
+
+class AnswerError(ValueError):
+    """A raw answer that cannot be used; ``reason`` is one of empty, not_json, truncated, wrong_fields."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def answer_model(name: str) -> type[Answer]:
+    try:
+        return ANSWERS[name]
+    except KeyError:
+        raise KeyError(f"unknown answer shape {name!r}; known: {sorted(ANSWERS)}") from None
+
+
+def _strip_titles(node: Any) -> Any:
+    """Drop ``title`` and ``description`` strings (class names, docstrings): prompt tokens only."""
+    if isinstance(node, dict):
+        return {
+            k: _strip_titles(v)
+            for k, v in node.items()
+            if k not in ("title", "description") or not isinstance(v, str)
+        }
+    if isinstance(node, list):
+        return [_strip_titles(v) for v in node]
+    return node
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """Replace ``{"$ref": "#/$defs/X"}`` by X's schema (the shapes here are not recursive)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.rsplit("/", 1)[1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+@cache
+def _schema_json(name: str) -> str:
+    schema = answer_model(name).model_json_schema()
+    flat = _inline_refs(schema, schema.get("$defs", {}))
+    return json.dumps(_strip_titles(flat), separators=(",", ":"))
+
+
+def answer_schema(name: str) -> dict[str, Any]:
+    """The JSON schema of answer shape ``name`` (titles stripped to keep prompts short)."""
+    return json.loads(_schema_json(name))  # type: ignore[no-any-return]
+
+
+def compact_schema(name: str) -> str:
+    """The schema as compact JSON text, as shown to the model."""
+    return _schema_json(name)
+
+
+def _extract_json(text: str) -> str:
+    """The JSON object inside ``text``: tolerate a Markdown fence or prose around it."""
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.strip("`")
+        if stripped.lower().startswith("json"):
+            stripped = stripped[4:]
+        stripped = stripped.strip()
+    start = stripped.find("{")
+    end = stripped.rfind("}")
+    if start > 0 and end > start:
+        return stripped[start : end + 1]
+    return stripped
+
+
+def parse_answer(name: str, text: str | None, *, truncated: bool = False) -> Answer:
+    """Validate a raw model answer against shape ``name``. Raises ``AnswerError`` with a reason."""
+    if text is None or not text.strip():
+        raise AnswerError("empty", "the model returned no text")
+    candidate = _extract_json(text)
+    try:
+        data = json.loads(candidate)
+    except json.JSONDecodeError as exc:
+        cut_short = truncated or exc.pos >= len(candidate.rstrip()) - 1 or candidate.count("{") > candidate.count("}")
+        if cut_short and candidate.lstrip().startswith("{"):
+            raise AnswerError("truncated", f"JSON ends early ({exc.msg} at char {exc.pos})") from None
+        raise AnswerError("not_json", f"{exc.msg} at char {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise AnswerError("wrong_fields", f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return answer_model(name).model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(object)'}: {e['msg']}" for e in exc.errors()[:6]
+        )
+        raise AnswerError("wrong_fields", problems) from None
