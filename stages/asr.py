@@ -1,0 +1,122 @@
+"""ASR: Whisper transcripts with word timestamps, VAD gating and hallucination guards.
+
+Per clip (the extract stage's 16 kHz mono ``audio_uri``):
+
+1. silero-vad finds speech spans; ``speech_ratio`` = speech seconds / clip seconds;
+2. a clip with less than ``min_speech_seconds`` of speech skips ASR (``asr_flags=["no_speech"]``);
+3. Whisper transcribes the clip (clips of one batch share the model calls: one encoder pass and one
+   beam search per language for the whole batch); a clip longer than 30 s is cut in its silences;
+4. the guards of ``stages._hallucination`` flag invented text; flagged text stays in
+   ``asr_segments`` but not in ``transcript``.
+
+Outcomes besides a transcript: ``no_audio`` (the video has no audio track), ``no_speech``, guard
+flags; a missing or undecodable audio file is an error row (``missing_input`` / ``corrupt_media``).
+
+Why per clip and not the whole video once, then sliced: clips are at most 30 s by default, so each
+is exactly one Whisper window and the clips of a batch fill the GPU together; transcribing whole
+videos would need all clips of a video on one actor and would decode silence between clips. Words
+cut by a clip boundary are the price: ``split.mode=speech`` (``stages._speech``) cuts clips in the
+pauses between sentences instead. Measured in ``tests/bench/asr_bench.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import AsrConfig
+from pipeline.errors import StageError
+from pipeline.stage import Resources, Row, Stage
+from stages._hallucination import judge
+from stages._vad import SileroVad, Span, VadResult, load_audio
+from stages._whisper import WhisperEngine, make_engine, transcribe_audios
+
+log = logging.getLogger(__name__)
+
+
+class AsrStage(Stage[AsrConfig]):
+    name = "asr"
+    stateful = True
+    reads = ("key", "audio_uri", "has_audio")
+    writes = ("transcript", "language", "language_prob", "asr_segments", "asr_flags", "speech_ratio")
+
+    engine: WhisperEngine | None = None
+    vad: SileroVad | None = None
+
+    @property
+    def resources(self) -> Resources:
+        cfg = self.config
+        return Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, pool_size=cfg.pool_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    def setup(self) -> None:
+        if self.config.vad:
+            self.vad = SileroVad(threshold=self.config.vad_threshold)
+            self.vad.load()
+        self.engine = make_engine(self.config)
+        self.engine.load()
+
+    def teardown(self) -> None:
+        self.engine = None
+        self.vad = None
+
+    def process_batch(self, rows: list[Row]) -> list[Any]:
+        if self.engine is None:
+            raise RuntimeError("AsrStage.setup() was not called")
+        cfg = self.config
+        results: list[Any] = [None] * len(rows)
+        todo: list[tuple[int, np.ndarray, VadResult | None]] = []
+        for i, row in enumerate(rows):
+            try:
+                prepared = self._prepare(row)
+            except StageError as exc:
+                results[i] = exc
+                continue
+            if isinstance(prepared, dict):
+                results[i] = prepared
+                continue
+            audio, vad = prepared
+            if vad is not None and cfg.skip_no_speech and vad.speech_seconds < cfg.min_speech_seconds:
+                results[i] = _empty(["no_speech"], vad.speech_ratio)
+                continue
+            todo.append((i, audio, vad))
+        if todo:
+            spans: list[list[Span] | None] = [v.spans if v is not None else None for _, _, v in todo]
+            done = transcribe_audios(self.engine, [a for _, a, _ in todo], spans, cfg.batch_size)
+            for (i, _, vad), tr in zip(todo, done, strict=True):
+                verdict = judge(tr.segments, cfg, vad.spans if vad is not None else None)
+                results[i] = {
+                    "transcript": verdict.transcript,
+                    "language": tr.language,
+                    "language_prob": None if tr.language_prob is None else round(tr.language_prob, 4),
+                    "asr_segments": [s.to_dict() for s in tr.segments],
+                    "asr_flags": verdict.flags,
+                    "speech_ratio": None if vad is None else round(vad.speech_ratio, 4),
+                }
+        return results
+
+    def _prepare(self, row: Row) -> dict[str, Any] | tuple[np.ndarray, VadResult | None]:
+        uri = row.get("audio_uri")
+        if not uri:
+            if row.get("has_audio") is False:
+                return _empty(["no_audio"], None)
+            raise StageError("row has no audio_uri (run the extract stage before asr)", "missing_input")
+        audio = load_audio(uri)
+        vad = self.vad.detect(audio) if self.vad is not None else None
+        return audio, vad
+
+
+def _empty(flags: list[str], speech_ratio: float | None) -> dict[str, Any]:
+    return {
+        "transcript": None,
+        "language": None,
+        "language_prob": None,
+        "asr_segments": [],
+        "asr_flags": flags,
+        "speech_ratio": None if speech_ratio is None else round(speech_ratio, 4),
+    }
