@@ -48,10 +48,42 @@ def _cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Generate samples, serve them on 127.0.0.1 (yt-dlp path), run the pipeline, show the result."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+    from pipeline.samples import generate_corpus
+    from pipeline.serve import serve_directory
 
-    run_bench(Path(args.workdir), count=args.count, scales=args.scales, backend=args.backend)
+    root = Path(args.dir).resolve()
+    samples = root / "samples"
+    if not (samples / "manifest.jsonl").exists():
+        generate_corpus(samples, count=args.count, seed=0)
+    names = sorted(p.name for p in samples.glob("sample_*.mp4"))
+    config = load_config(args.config, list(args.set or []))
+    with serve_directory(samples) as base:
+        inputs = root / "urls.txt"
+        inputs.write_text("".join(f"{base}/{n}\n" for n in names))
+        log.info("serving %d sample videos at %s", len(names), base)
+        summary = run_pipeline(inputs, root / "out", config, backend=args.backend)
+    shards = sorted((summary.output / "shards").glob("*.tar"))
+    print("\n".join(["", "avforge demo finished", *summary.lines()]))
+    print(f"shards:      {len(shards)} under {summary.output / 'shards'}")
+    print("open them:")
+    print("  import webdataset as wds")
+    last = f"{max(len(shards) - 1, 0):06d}"
+    print(f"  ds = wds.WebDataset('{summary.output / 'shards'}/{{000000..{last}}}.tar')")
+    print("  sample = next(iter(ds))   # KEY.flac, KEY.0.jpg ..., KEY.json, KEY.txt")
+    print(f"index:       {summary.output / 'index.parquet'}  (pandas.read_parquet)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import format_table, run_bench
+
+    results = run_bench(Path(args.workdir), count=args.count, scales=args.scales, backend=args.backend)
+    print(format_table(results))
+    print(f"full results: {Path(args.workdir) / 'bench.json'}")
     return 0
 
 
@@ -76,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--duration", type=float, default=8.0, help="typical video length in seconds")
     samples.add_argument("--base-url", help="also write urls.txt with this URL prefix (for serving over HTTP)")
     samples.set_defaults(func=_cmd_samples)
+
+    demo = sub.add_parser("demo", help="generate samples, serve them on 127.0.0.1 and run the pipeline on them")
+    demo.add_argument("--dir", type=Path, default=Path("demo"))
+    demo.add_argument("--count", type=int, default=6)
+    demo.add_argument("--config", type=Path)
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE")
+    demo.add_argument("--backend", choices=["ray", "sequential"], default="ray")
+    demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmark the pipeline against an ffmpeg decode floor")
     bench.add_argument("--workdir", type=Path, default=Path("/tmp/avforge-bench"))

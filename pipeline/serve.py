@@ -50,11 +50,19 @@ class _Handler(SimpleHTTPRequestHandler):
         log.debug("http %s", format % args)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients such as yt-dlp close connections early; that is not an error here."""
+        log.debug("http client %s went away", client_address)
+
+
 @contextmanager
 def serve_directory(root: Path, routes: dict[str, Route] | None = None, port: int = 0) -> Iterator[str]:
     """Serve ``root`` on 127.0.0.1 in a background thread; yields the base URL."""
     handler = type("Handler", (_Handler,), {"routes": dict(routes or {})})
-    server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(handler, directory=str(root)))
+    server = _Server(("127.0.0.1", port), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
