@@ -5,7 +5,9 @@ Shared by the Ray runner and the in-process sequential runner, so both behave th
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 import time
 from typing import Any
 
@@ -37,27 +39,47 @@ def _check(stage: Stage, rows: list[Row], results: list[Any]) -> None:
         raise RuntimeError(f"stage {stage.name} returned {got} results for {len(rows)} rows")
 
 
+def _release_accelerator_memory() -> None:
+    """After an out-of-memory error: free what the failed call left, and torch's CUDA cache if loaded."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _call(stage: Stage, rows: list[Row]) -> list[Any]:
-    """process_batch; on an exception, isolate it by retrying row by row (not on OOM)."""
+    """process_batch; on an exception, isolate it by retrying row by row.
+
+    Out of memory is not a bad row but too big a batch: the batch is retried as two halves
+    (recursively, down to one row); only a single row that still runs out of memory fails.
+    """
     try:
         results = stage.process_batch(rows)
         _check(stage, rows, results)
         return results
     except Exception as exc:  # noqa: BLE001 - any stage failure becomes data
-        if len(rows) == 1 or is_out_of_memory(exc):
-            if len(rows) > 1:
-                log.warning("stage %s: out of memory on a batch of %d rows", stage.name, len(rows))
-            return [exc] * len(rows)
-        log.info("stage %s: batch of %d failed (%s); retrying row by row", stage.name, len(rows), exc)
-        out: list[Any] = []
-        for row in rows:
-            try:
-                single = stage.process_batch([row])
-                _check(stage, [row], single)
-                out.extend(single)
-            except Exception as row_exc:  # noqa: BLE001
-                out.append(row_exc)
-        return out
+        if len(rows) == 1:
+            return [exc]
+        out_of_memory = is_out_of_memory(exc)
+        if not out_of_memory:
+            log.info("stage %s: batch of %d failed (%s); retrying row by row", stage.name, len(rows), exc)
+    if out_of_memory:  # outside the except block, so the failed call's frames can be freed
+        half = len(rows) // 2
+        log.warning(
+            "stage %s: out of memory on a batch of %d rows; retrying as %d + %d",
+            stage.name, len(rows), half, len(rows) - half,
+        )  # fmt: skip
+        _release_accelerator_memory()
+        return _call(stage, rows[:half]) + _call(stage, rows[half:])
+    out: list[Any] = []
+    for row in rows:
+        try:
+            single = stage.process_batch([row])
+            _check(stage, [row], single)
+            out.extend(single)
+        except Exception as row_exc:  # noqa: BLE001
+            out.append(row_exc)
+    return out
 
 
 def _with_update(stage: Stage, row: Row, update: dict[str, Any]) -> Row:
