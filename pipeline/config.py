@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -23,7 +23,7 @@ class DownloadConfig(Section):
     format: str | None = Field(None, description="yt-dlp format selector; default: best with max_height")
     max_height: int | None = Field(720, gt=0, description="highest video height to download")
     cookies_file: Path | None = None
-    proxy: str | None = None
+    proxy: SecretStr | None = Field(None, description="proxy URL (may hold credentials: never logged)")
     rate_limit: str | None = Field(None, description="bytes/s, e.g. '2M'")
     sleep_seconds: float = Field(0.0, ge=0, description="pause before each download")
     retries: int = Field(3, ge=0, description="retries of transient failures")
@@ -32,7 +32,17 @@ class DownloadConfig(Section):
     max_filesize_mb: float | None = Field(2048.0, gt=0)
     max_duration_seconds: float | None = Field(4 * 3600.0, gt=0)
     concurrency: int = Field(4, ge=1, description="downloads in flight")
-    allow_local_paths: bool = Field(True, description="accept local paths and file:// URLs")
+    max_download_seconds: float | None = Field(3600.0, gt=0, description="wall-clock cap of one download")
+    max_source_height: int | None = Field(4320, gt=0, description="refuse sources taller than this (pixels)")
+    allow_local_paths: bool = Field(True, description="accept plain local paths (the LIST is the operator's)")
+    local_path_roots: list[Path] | None = Field(None, description="if set, local paths must lie under these")
+    allow_file_urls: bool = Field(False, description="accept file:// URLs")
+    allow_private_addresses: bool = Field(
+        False, description="allow downloads from loopback, private and link-local addresses (redirects included)"
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="hosts, IPs or CIDRs allowed even if private (e.g. 127.0.0.1)"
+    )
 
 
 class SplitConfig(Section):
@@ -294,6 +304,16 @@ class TextEmbedConfig(ModelWorkerConfig):
     max_chars: int = Field(2000, ge=1, description="text is clipped to this many characters before embedding")
 
 
+class ReportConfig(Section):
+    """The caption-quality report ``OUTPUT/report/index.html`` (pipeline/report.py)."""
+
+    enabled: bool = Field(True, description="write the report at the end of each run")
+    gallery_size: int = Field(24, ge=0, description="randomly sampled kept clips in the gallery")
+    lowest: int = Field(8, ge=0, description="lowest-scoring kept clips added to the gallery")
+    rejected: int = Field(12, ge=0, description="sampled rejected clips in the gallery")
+    seed: int = Field(0, description="seed of the gallery sample")
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts Ray in-process")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the in-process Ray (default: cores)")
@@ -319,6 +339,7 @@ class RunConfig(Section):
     visual_quality: VisualQualityConfig = Field(default_factory=VisualQualityConfig)
     text_embed: TextEmbedConfig = Field(default_factory=TextEmbedConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

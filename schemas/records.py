@@ -149,9 +149,10 @@ class Video(Record):
     """One input line after ingest."""
 
     video_id: str
-    source_url: str
+    source_url: str  # credentials redacted
     input_index: int
     metadata_json: str | None = opt()  # input columns besides url/id, carried to the shard JSON
+    fetch_url: str | None = opt(json=False, index=False)  # the URL as given (may hold credentials)
 
 
 @dataclass
@@ -164,9 +165,10 @@ class Clip(Record):
 
     # -- video
     video_id: str
-    source_url: str
+    source_url: str  # credentials redacted
     input_index: int
     metadata_json: str | None = opt()
+    fetch_url: str | None = opt(json=False, index=False)  # the URL as given (may hold credentials)
     title: str | None = opt()
     local_path: str | None = opt(json=False, index=False)  # staging URI of the downloaded file
     video_duration: float | None = opt()

@@ -1,0 +1,267 @@
+"""Dedup on a generated corpus with planted duplicates, through the real pipeline.
+
+Three source videos, each copied seven ways (byte copy, low-bitrate half-resolution re-encode,
+10% centred crop, letterbox, brightness/contrast shift, mirror flip, 1.5 s head trim), plus three
+distinct videos of the same kind (same scene kinds, other seeds: other content). Precision and
+recall are measured over video pairs with the shipped default thresholds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import DedupConfig, RunConfig
+from pipeline.runner import run_pipeline
+from pipeline.samples import synth_video
+from stages.dedup import choose_kept, code_match_pairs, cosine_pairs, find_duplicates, rank_keys, union_find
+
+log = logging.getLogger(__name__)
+
+FFMPEG = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin", "-y"]
+REENCODE = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "26", "-c:a", "aac", "-b:a", "64k"]
+TRANSFORMS: dict[str, list[str] | None] = {
+    "copy": None,
+    "lowres": ["-vf", "scale=iw/2:ih/2", "-c:v", "libx264", "-preset", "veryfast", "-b:v", "120k",
+               "-c:a", "aac", "-b:a", "32k"],
+    "crop": ["-vf", "crop=iw*0.9:ih*0.9", *REENCODE],
+    "letterbox": ["-vf", "scale=320:180,pad=320:240:0:30:black", *REENCODE],
+    "bright": ["-vf", "eq=brightness=0.08:contrast=1.15", *REENCODE],
+    "mirror": ["-vf", "hflip", *REENCODE],
+    "trim": REENCODE,  # with -ss 1.5 before the input
+}  # fmt: skip
+KINDS = [["life", "gradients", "movingbox"], ["mandelbrot", "cellauto", "pan"], ["sierpinski", "life", "gradients"]]
+
+
+def _transform(src: Path, name: str, out: Path) -> None:
+    args = TRANSFORMS[name]
+    if args is None:
+        shutil.copyfile(src, out)
+        return
+    pre = ["-ss", "1.5"] if name == "trim" else []
+    subprocess.run([*FFMPEG, *pre, "-i", str(src), *args, str(out)], check=True)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """Input list and truth: video id -> source group (distinct videos are their own group)."""
+    root = tmp_path_factory.mktemp("dedup_corpus")
+    truth: dict[str, str] = {}
+    records: list[dict[str, str]] = []
+    for i, kinds in enumerate(KINDS):
+        src = root / f"src{i}.mp4"
+        synth_video(src, duration=8.0, n_scenes=3, seed=500 + i, scene_kinds=kinds, music=i == 2)
+        records.append({"url": str(src), "id": f"src{i}"})
+        truth[f"src{i}"] = f"src{i}"
+        for name in TRANSFORMS:
+            out = root / f"src{i}_{name}.mp4"
+            _transform(src, name, out)
+            records.append({"url": str(out), "id": f"src{i}_{name}"})
+            truth[f"src{i}_{name}"] = f"src{i}"
+    for i, kinds in enumerate(KINDS):  # same kind of video, other content: must stay apart
+        other = root / f"other{i}.mp4"
+        synth_video(other, duration=8.0, n_scenes=3, seed=700 + i, scene_kinds=kinds, music=i == 2)
+        records.append({"url": str(other), "id": f"other{i}"})
+        truth[f"other{i}"] = f"other{i}"
+    inputs = root / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return inputs, truth
+
+
+@pytest.fixture(scope="module")
+def dedup_run(planted: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    inputs, _ = planted
+    out = tmp_path_factory.mktemp("dedup_out")
+    config = RunConfig(
+        stages=["download", "split", "extract", "quality", "fingerprint", "dedup"],
+        split={"mode": "whole", "max_clip_seconds": 20.0},
+        extract={"frames_per_clip": 2},
+    )
+    summary = run_pipeline(inputs, out, config, backend="sequential")
+    assert summary.errors == 0
+    return out
+
+
+def _pair_scores(groups: dict[str, str], truth: dict[str, str]) -> tuple[float, float, list[tuple[str, str]]]:
+    vids = sorted(truth)
+    tp = fp = fn = 0
+    missed: list[tuple[str, str]] = []
+    for a, b in itertools.combinations(vids, 2):
+        same_truth = truth[a] == truth[b]
+        same_pred = groups[a] == groups[b]
+        tp += same_truth and same_pred
+        fp += same_pred and not same_truth
+        fn += same_truth and not same_pred
+        if same_truth and not same_pred:
+            missed.append((a, b))
+    return tp / max(tp + fp, 1), tp / max(tp + fn, 1), missed
+
+
+def _groups(out: Path) -> tuple[dict[str, str], dict[str, str | None], set[str]]:
+    """video id -> kept key of its group; key -> duplicate_of; kept keys."""
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    kept = {r["key"] for r in index}
+    dup_of = {r["key"]: r["duplicate_of"] for r in rejects}
+    groups = {r["video_id"]: r["key"] for r in index}
+    for r in rejects:
+        assert r["drop_reason"] == "duplicate", r
+        groups[r["video_id"]] = r["duplicate_of"]
+    return groups, dup_of, kept
+
+
+def test_planted_duplicates_precision_recall(dedup_run: Path, planted: tuple[Path, dict[str, str]]) -> None:
+    _, truth = planted
+    groups, dup_of, kept = _groups(dedup_run)
+    assert set(groups) == set(truth)
+    precision, recall, missed = _pair_scores(groups, truth)
+    log.info("video-pair precision %.3f recall %.3f; missed %s", precision, recall, missed)
+    assert precision == 1.0
+    assert recall >= 0.95, missed
+    # every planted copy is found (a source plus 7 copies per group), every distinct video kept
+    assert len(kept) == len(KINDS) * 2
+    for i in range(len(KINDS)):
+        assert f"other{i}_0000" in kept
+
+
+def test_duplicate_of_points_at_kept_keys(dedup_run: Path) -> None:
+    _, dup_of, kept = _groups(dedup_run)
+    assert dup_of, "no duplicates found"
+    assert all(target in kept for target in dup_of.values())
+    assert not set(dup_of) & kept
+
+
+def test_signals_written_and_rerunnable(dedup_run: Path, planted: tuple[Path, dict[str, str]]) -> None:
+    """The phase leaves its signals as parquet; deciding again from them gives the same answer,
+    and each signal alone finds the copies it is built for."""
+    folder = dedup_run / "_staging" / "dedup"
+    table = pq.read_table(folder / "signals.parquet")
+    decided = pq.read_table(folder / "duplicates.parquet").to_pylist()
+    assert table.num_rows == len(decided) == len(planted[1])
+    again = find_duplicates(table, DedupConfig()).to_pylist()
+    assert [r["duplicate_of"] for r in again] == [r["duplicate_of"] for r in decided]
+    by_key = {r["key"]: r for r in decided}
+    # byte copies are exact duplicates; the mirror flip is found by frames (audio matches too)
+    assert "exact" in by_key["src0_copy_0000"]["signals"]
+    assert "frames" in by_key["src1_mirror_0000"]["signals"]
+    frames_only = {r["key"]: r["duplicate_of"] for r in find_duplicates(table, DedupConfig(audio=False)).to_pylist()}
+    audio_only = {
+        r["key"]: r["duplicate_of"]
+        for r in find_duplicates(table, DedupConfig(frames=False, exact=False)).to_pylist()
+    }  # fmt: skip
+    for name in ("crop", "letterbox", "bright", "mirror", "trim"):
+        assert frames_only[f"src0_{name}_0000"] is not None, name
+    for name in ("lowres", "crop", "mirror", "trim"):
+        assert audio_only[f"src1_{name}_0000"] is not None, name
+
+
+@pytest.mark.parametrize("keep", ["earliest", "longest", "resolution"])
+def test_keep_rule(dedup_run: Path, keep: str) -> None:
+    table = pq.read_table(dedup_run / "_staging" / "dedup" / "signals.parquet")
+    rows = {r["key"]: r for r in table.to_pylist()}
+    decided = find_duplicates(table, DedupConfig(keep=keep)).to_pylist()
+    members: dict[str, list[str]] = {}
+    for r in decided:
+        members.setdefault(r["duplicate_of"] or r["key"], []).append(r["key"])
+    for kept_key, keys in members.items():
+        assert rows[kept_key]["key"] == kept_key
+        if keep == "earliest":
+            assert rows[kept_key]["input_index"] == min(rows[k]["input_index"] for k in keys)
+        elif keep == "longest":
+            assert rows[kept_key]["duration"] == pytest.approx(max(rows[k]["duration"] for k in keys))
+        else:
+            assert rows[kept_key]["pixels"] == max(rows[k]["pixels"] for k in keys)
+    if keep == "earliest":
+        assert {k for k in members if k.startswith("src")} == {"src0_0000", "src1_0000", "src2_0000"}
+    if keep == "longest":  # the trimmed copies are 1.5 s shorter: never kept
+        assert not any(k.endswith("_trim_0000") for k in members)
+    if keep == "resolution":  # half-resolution copies are never kept
+        assert not any(k.endswith("_lowres_0000") for k in members)
+
+
+def test_keep_quality_score_then_ties() -> None:
+    keys = ["a", "b", "c", "d"]
+    rank = rank_keys(
+        "quality",
+        quality=np.array([0.2, 0.9, np.nan, 0.9]),
+        duration=np.array([10.0, 5.0, 20.0, 8.0]),
+        pixels=np.array([100, 100, 100, 100]),
+        input_index=np.arange(4),
+        clip_index=np.zeros(4),
+        keys=keys,
+    )
+    # d and b tie on quality; d is longer. A missing score ranks last.
+    assert list(np.argsort(rank)) == [3, 1, 0, 2]
+    labels = union_find(4, np.array([[0, 1], [1, 2], [2, 3]]))
+    assert list(choose_kept(labels, rank)) == [3, 3, 3, -1]
+
+
+def test_union_find_groups_transitively() -> None:
+    labels = union_find(6, np.array([[0, 1], [3, 4], [1, 2]]))
+    assert labels[0] == labels[1] == labels[2]
+    assert labels[3] == labels[4]
+    assert len(set(labels.tolist())) == 3
+
+
+def test_code_match_ratio_and_mirror() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**63, size=10, dtype=np.uint64)
+    mask = 0xAAAAAAAAAAAAAAAA
+    b = a[:6] ^ np.uint64(mask)  # clip 1: mirrored copy of 6 of clip 0's 10 codes
+    c = rng.integers(0, 2**63, size=10, dtype=np.uint64)  # clip 2: unrelated
+    codes = np.concatenate([a, b, c])
+    owner = np.repeat([0, 1, 2], [10, 6, 10])
+    pairs, ratio = code_match_pairs(codes, owner, np.arange(len(codes)), 4, 0.5, 3, mirror_mask=mask)
+    found = {tuple(p): r for p, r in zip(pairs.tolist(), ratio.tolist(), strict=True)}
+    assert found == {(0, 1): pytest.approx(0.6), (1, 0): pytest.approx(1.0)}
+    pairs, _ = code_match_pairs(codes, owner, np.arange(len(codes)), 4, 0.5, 3)
+    assert len(pairs) == 0  # without mirrored queries nothing matches
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_cosine_pairs_find_planted_near_copies(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(20, 64)).astype(np.float32)
+    x = centers[rng.integers(0, 20, 3000)] + 0.6 * rng.normal(size=(3000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    copies = x[:100] + 0.02 * rng.normal(size=(100, 64)).astype(np.float32)  # cosine ~0.99
+    data = np.concatenate([x, copies])
+    pairs, sims = cosine_pairs(data, 0.95, kind, neighbors=16, nprobe=8)
+    planted = {(i, 3000 + i) for i in range(100)}
+    truth_pairs, _ = cosine_pairs(data, 0.95, "flat")
+    truth = {tuple(p) for p in truth_pairs.tolist()}
+    assert planted <= truth
+    found = {tuple(p) for p in pairs.tolist()}
+    assert found <= truth  # approximate indexes may miss pairs, never invent them
+    assert len(found & truth) / len(truth) >= 0.95
+    assert np.all(sims >= 0.95)
+
+
+def test_semantic_embeddings_dedup_through_stage(tmp_path: Path) -> None:
+    """Rows with visual embeddings only: near-identical embeddings merge, others stay apart."""
+    from pipeline.stage import StageContext
+    from stages.dedup import DedupStage
+
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(4, 32)).astype(np.float32)
+    rows = []
+    for i, vec in enumerate([base[0], base[1], base[0] + 0.01, base[2], base[3], base[1] * 2.0]):
+        rows.append({
+            "key": f"v{i}_0000", "video_id": f"v{i}", "input_index": i, "clip_index": 0,
+            "clip_start": 0.0, "clip_end": 5.0, "visual_embedding": vec.tolist(),
+        })  # fmt: skip
+    stage = DedupStage(DedupConfig(), StageContext(staging_dir=str(tmp_path)))
+    stage.setup()
+    out = stage.process_all(rows)
+    assert out[2] == {"drop_reason": "duplicate", "duplicate_of": "v0_0000"}
+    assert out[5] == {"drop_reason": "duplicate", "duplicate_of": "v1_0000"}
+    assert out[0] == out[1] == out[3] == out[4] == {}
+    assert (tmp_path / "dedup" / "signals.parquet").exists()
