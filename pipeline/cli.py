@@ -87,6 +87,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect import describe
+
+    print(describe(args.path, samples=args.samples, key=args.key))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.config import ReportConfig
+    from pipeline.report import write_report
+
+    given = {"gallery_size": args.gallery, "lowest": args.lowest, "rejected": args.rejected, "seed": args.seed}
+    cfg = ReportConfig(**{k: v for k, v in given.items() if v is not None})
+    print(f"report: {write_report(args.dir, cfg)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     bench.add_argument("--backend", choices=["ray", "sequential"], default="ray")
     bench.set_defaults(func=_cmd_bench)
+
+    inspect = sub.add_parser("inspect", help="summarise an output folder or a shard tar, with a few samples")
+    inspect.add_argument("path", type=Path, help="output folder or shards/NNNNNN.tar")
+    inspect.add_argument("--key", help="show this one sample in full")
+    inspect.add_argument("--samples", type=int, default=3, help="samples to show in the summary")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    report = sub.add_parser("report", help="(re)write the HTML caption-quality report DIR/report/index.html")
+    report.add_argument("dir", type=Path, help="output folder of a run")
+    report.add_argument("--gallery", type=int, default=None, help="randomly sampled kept clips in the gallery (24)")
+    report.add_argument("--lowest", type=int, default=None, help="lowest-scoring kept clips in the gallery (8)")
+    report.add_argument("--rejected", type=int, default=None, help="sampled rejected clips in the gallery (12)")
+    report.add_argument("--seed", type=int, default=None, help="seed of the gallery sample (0)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -204,4 +204,11 @@ def run_pipeline(
         import shutil
 
         shutil.rmtree(staging / "clips", ignore_errors=True)
+    if config.report.enabled:
+        try:
+            from pipeline.report import write_report
+
+            write_report(out, config.report)
+        except Exception:  # noqa: BLE001 - the report is a by-product: never fail a finished run for it
+            log.warning("could not write the report under %s/report", out, exc_info=True)
     return RunSummary(out, len(rows), counts["kept"], counts["rejected"], counts["errors"], wall, sink.video_seconds, stats)

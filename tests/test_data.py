@@ -70,22 +70,21 @@ class EnrichStage(Stage[QualityConfig]):
 
     @property
     def batch_size(self) -> int:
-        return 8
+        return 1000
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
-        out = [self._one(r) for r in rows]
-        # among the active clips of video 0: the 2nd duplicates the 1st, the 3rd scores too low
-        first = sorted((r["clip_index"], i) for i, r in enumerate(rows) if r["input_index"] == 0)
-        if len(first) >= 2:
-            out[first[1][1]].update(drop_reason="duplicate", duplicate_of=rows[first[0][1]]["key"])
-        if len(first) >= 3:
-            out[first[2][1]].update(drop_reason="low_caption_score")
+        out: list[Any] = [self._one(r) for r in rows]
+        # over the active clips in key order (one batch in a sequential run): the 2nd duplicates
+        # the 1st, the 3rd scores too low, the last fails
+        order = sorted(range(len(rows)), key=lambda i: rows[i]["key"])
+        if len(order) >= 4:
+            out[order[1]].update(drop_reason="duplicate", duplicate_of=rows[order[0]]["key"])
+            out[order[2]].update(drop_reason="low_caption_score")
+            out[order[-1]] = StageError("synthetic model failure on this clip", "test_failure")
         return out
 
-    def _one(self, row: Row) -> dict[str, Any] | Exception:
+    def _one(self, row: Row) -> dict[str, Any]:
         key, video, clip = row["key"], row["input_index"], row["clip_index"]
-        if video == 3 and clip == 0:
-            return StageError("synthetic model failure on this clip", "test_failure")
         h = zlib.crc32(key.encode())
         dur = row["clip_end"] - row["clip_start"]
         transcript = f"clip {clip} of video {video} says hello world number {h % 97}"
