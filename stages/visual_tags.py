@@ -181,7 +181,7 @@ class VisualTagStage(Stage[VisualTagsConfig]):
         out = []
         for vals, idxs in zip(values.tolist(), indices.tolist(), strict=True):
             out.append(
-                [{"label": self.labels[j], "score": round(v, 6)} for v, j in zip(vals, idxs, strict=True) if v >= self.config.min_score]
+                [{"label": self.labels[j], "score": v} for v, j in zip(vals, idxs, strict=True) if v >= self.config.min_score]
             )
         return out
 
@@ -226,10 +226,10 @@ def save_tiny_clip(folder: Path, *, kind: str = "clip", image_size: int = 32, se
     bigger for benchmarks). Built from a config in well under a second; nothing is downloaded.
     """
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
-    words = ["[PAD]", "[UNK]", "[EOS]"]
+    words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # EOS id 3: CLIP pools at the first EOS (id 2 means a legacy rule)
     for line in load_labels(None) + ["a photo of", "a video frame showing", "a blurry photo of", "a close-up photo of"]:
         for w in line.lower().replace(".", " ").split():
             if w not in words:
@@ -237,12 +237,13 @@ def save_tiny_clip(folder: Path, *, kind: str = "clip", image_size: int = 32, se
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 3)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", model_max_length=16
     )
     text = dict(
         vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16, pad_token_id=0, eos_token_id=2, bos_token_id=None,
+        max_position_embeddings=16, pad_token_id=0, eos_token_id=3, bos_token_id=2,
     )  # fmt: skip
     vis = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8)
     vis.update(vision)
