@@ -97,7 +97,7 @@ def run_bench(workdir: Path, count: int = 8, scales: list[int] | None = None, ba
         generate_corpus(corpus, count=count, seed=3, duration=20.0)
     videos = sorted(corpus.glob("sample_*.mp4"))
     cores = os.cpu_count() or 1
-    config = load_config(None, [])
+    config = load_config(None, ["download.allowed_hosts=[127.0.0.1]"])
     if backend == "ray":
         from pipeline.ray_runner import init_ray
 

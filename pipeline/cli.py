@@ -28,6 +28,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
+    if args.dry_run:
+        from pipeline.runner import dry_run
+
+        report = dry_run(args.input, config)
+        print(f"config OK; stages: {', '.join(report['stages'])}")
+        print(f"inputs: {report['inputs']}")
+        for outcome, n in sorted(report["outcomes"].items(), key=lambda kv: -kv[1]):
+            example = report["examples"].get(outcome)
+            print(f"  {outcome:<28} {n:>8}" + (f"   e.g. {example}" if example else ""))
+        return 0
     summary = run_pipeline(args.input, args.output, config, backend=args.backend)
     print("\n".join(["", "avforge run finished", *summary.lines()]))
     print(f"shards:      {summary.output / 'shards'}  (open with webdataset: see README 'Reading the output')")
@@ -60,7 +70,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not (samples / "manifest.jsonl").exists():
         generate_corpus(samples, count=args.count, seed=0)
     names = sorted(p.name for p in samples.glob("sample_*.mp4"))
-    config = load_config(args.config, list(args.set or []))
+    # the samples are served on loopback, which downloads refuse unless allowed
+    config = load_config(args.config, ["download.allowed_hosts=[127.0.0.1]", *(args.set or [])])
     with serve_directory(samples) as base:
         inputs = root / "urls.txt"
         inputs.write_text("".join(f"{base}/{n}\n" for n in names))
@@ -116,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. split.mode=shots")
     run.add_argument("--address", help="Ray cluster address (default: start Ray in-process)")
     run.add_argument("--backend", choices=["ray", "sequential"], default="ray", help="sequential: no Ray, in-process")
+    run.add_argument("--dry-run", action="store_true", help="validate config and inputs, process nothing")
     run.set_defaults(func=_cmd_run)
 
     samples = sub.add_parser("samples", help="generate a small synthetic corpus (videos + true transcripts and cuts)")

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from pipeline.errors import StageError, is_out_of_memory
+from pipeline.security import redact_text
 from pipeline.stage import Row, Stage
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def error_fields(stage: Stage, exc: BaseException) -> dict[str, Any]:
     error_type = exc.error_type if isinstance(exc, StageError) else type(exc).__name__
     if is_out_of_memory(exc):
         error_type = "out_of_memory"
-    message = str(exc) or type(exc).__name__
+    message = redact_text(str(exc) or type(exc).__name__)
     return {"error_stage": stage.name, "error_type": error_type, "error": message[:2000]}
 
 

@@ -154,6 +154,36 @@ def _stats(out_dir: Path, sink: Sink, summary: dict[str, int], inputs: int, wall
     }
 
 
+def dry_run(input_list: str | Path, config: RunConfig) -> dict[str, Any]:
+    """Validate the inputs without processing: ingest, then each download's preflight checks."""
+    from pipeline.errors import StageError
+    from stages.download import DownloadStage
+
+    rows = read_inputs(input_list)
+    checker = DownloadStage(config.download, StageContext())
+    outcome: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    checked_hosts: dict[str, str | None] = {}
+    for row in rows:
+        reason = f"{row['error_stage']}/{row['error_type']}" if row.get("error_stage") else None
+        if reason is None:
+            url = row.get("fetch_url") or row["source_url"]
+            host = url.split("/")[2] if "://" in url and not url.startswith("file:") else None
+            try:
+                if host is not None and host in checked_hosts:
+                    reason = checked_hosts[host]
+                else:
+                    checker.preflight(url)
+            except StageError as exc:
+                reason = f"download/{exc.error_type}"
+            if host is not None:
+                checked_hosts[host] = reason
+        outcome[reason or "ok"] += 1
+        if reason:
+            examples.setdefault(reason, row["source_url"])
+    return {"inputs": len(rows), "outcomes": dict(outcome), "examples": examples, "stages": config.stages}
+
+
 def run_pipeline(
     input_list: str | Path,
     output_dir: str | Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ class Route:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    endless: bool = False  # stream ``body`` over and over without Content-Length (bounded: 30 s, 256 MiB)
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -33,10 +35,20 @@ class _Handler(SimpleHTTPRequestHandler):
             super().do_GET()
             return
         self.send_response(route.status)
-        for k, v in {"Content-Length": str(len(route.body)), **route.headers}.items():
+        headers = dict(route.headers) if route.endless else {"Content-Length": str(len(route.body)), **route.headers}
+        for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(route.body)
+        if not route.endless:
+            self.wfile.write(route.body)
+            return
+        deadline, sent = time.monotonic() + 30, 0
+        while time.monotonic() < deadline and sent < 256 * 2**20:
+            try:
+                self.wfile.write(route.body)
+            except OSError:
+                return
+            sent += len(route.body)
 
     def do_HEAD(self) -> None:  # noqa: N802
         if self.path.split("?")[0] in self.routes:
@@ -59,14 +71,16 @@ class _Server(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_directory(root: Path, routes: dict[str, Route] | None = None, port: int = 0) -> Iterator[str]:
-    """Serve ``root`` on 127.0.0.1 in a background thread; yields the base URL."""
+def serve_directory(
+    root: Path, routes: dict[str, Route] | None = None, port: int = 0, host: str = "127.0.0.1"
+) -> Iterator[str]:
+    """Serve ``root`` on a loopback address in a background thread; yields the base URL."""
     handler = type("Handler", (_Handler,), {"routes": dict(routes or {})})
-    server = _Server(("127.0.0.1", port), functools.partial(handler, directory=str(root)))
+    server = _Server((host, port), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"http://{host}:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -17,16 +17,28 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.config import DownloadConfig
 from pipeline.errors import StageError
+from pipeline.security import BLOCKED_MARK, address_guard, check_host, redact_text
 from pipeline.stage import Resources, Row, Stage
 from stages._media import probe
 
 log = logging.getLogger(__name__)
 
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
+CAP_MARK = "download cap"
+
+
+class _CapExceeded(Exception):
+    """Raised from yt-dlp's progress hook when a download passes a size or time cap."""
 
 
 def classify_download_error(message: str) -> StageError:
     """Map a yt-dlp error message to a typed StageError."""
+    message = redact_text(message)
+    if BLOCKED_MARK in message:
+        return StageError(message, "blocked_address")
+    if CAP_MARK in message:
+        kind = "too_large" if "bytes" in message else "timeout"
+        return StageError(message, kind)
     m = _HTTP_STATUS.search(message)
     if m:
         code = int(m.group(1))
@@ -68,16 +80,18 @@ class _YtdlpLogger:
             self.info(msg)
 
     def info(self, msg: str) -> None:
+        msg = redact_text(msg)
         log.debug("yt-dlp: %s", msg)
         if "max-filesize" in msg or "does not pass filter" in msg:
             self.notes.append(msg)
 
     def warning(self, msg: str) -> None:
+        msg = redact_text(msg)
         log.debug("yt-dlp warning: %s", msg)
         self.notes.append(msg)
 
     def error(self, msg: str) -> None:
-        log.debug("yt-dlp error: %s", msg)
+        log.debug("yt-dlp error: %s", redact_text(msg))
 
 
 class DownloadStage(Stage[DownloadConfig]):
@@ -108,24 +122,61 @@ class DownloadStage(Stage[DownloadConfig]):
     # ------------------------------------------------------------------ one input
 
     def _one(self, row: Row) -> dict[str, Any]:
-        url: str = row["source_url"]
+        url: str = row.get("fetch_url") or row["source_url"]
         parsed = urlparse(url)
         if parsed.scheme in ("http", "https", "ftp"):
+            self._check_address(parsed.hostname or "")
             path, title = self._fetch_with_retries(url, row["video_id"])
         else:
-            if not self.config.allow_local_paths:
-                raise StageError("local paths and file:// URLs are disabled by config", "local_paths_disabled")
-            path = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(url).expanduser()
-            path = path.resolve()
-            if not path.is_file():
-                raise StageError(f"no such file: {path}", "not_found")
+            path = self._local_path(url)
             title = path.stem
         self._check_size(path)
         info = probe(path)
         cap = self.config.max_duration_seconds
         if cap is not None and info.duration > cap:
             raise StageError(f"duration {info.duration:.0f}s exceeds max_duration_seconds={cap:.0f}", "too_long")
+        max_h = self.config.max_source_height
+        if max_h is not None and info.height is not None and info.height > max_h:
+            raise StageError(f"video is {info.height}px tall, over max_source_height={max_h}", "too_large")
         return {"local_path": str(path), "title": title, "video_duration": info.duration}
+
+    def preflight(self, url: str) -> None:
+        """The checks a download makes before fetching anything (used by ``--dry-run``)."""
+        parsed = urlparse(url)
+        if parsed.scheme in ("http", "https", "ftp"):
+            self._check_address(parsed.hostname or "")
+        else:
+            self._local_path(url)
+
+    def _check_address(self, host: str) -> None:
+        if self.config.allow_private_addresses:
+            return
+        try:
+            check_host(host, self.config.allowed_hosts)
+        except PermissionError as exc:
+            raise StageError(str(exc), "blocked_address") from None
+        except OSError as exc:
+            raise StageError(f"cannot resolve {host}: {exc}", "unreachable", transient=True) from None
+
+    def _local_path(self, url: str) -> Path:
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            if not self.config.allow_file_urls:
+                raise StageError("file:// URLs are refused (download.allow_file_urls=false)", "file_url_refused")
+            path = Path(unquote(parsed.path))
+        elif parsed.scheme:
+            raise StageError(f"unsupported URL scheme {parsed.scheme!r}", "unsupported_url")
+        else:
+            if not self.config.allow_local_paths:
+                raise StageError("local paths are refused (download.allow_local_paths=false)", "local_paths_disabled")
+            path = Path(url).expanduser()
+        path = path.resolve()
+        roots = self.config.local_path_roots
+        if roots is not None and not any(path.is_relative_to(Path(r).resolve()) for r in roots):
+            raise StageError(f"{path} is outside download.local_path_roots", "path_refused")
+        if not path.is_file():
+            raise StageError(f"no such file: {path}", "not_found")
+        return path
 
     def _check_size(self, path: Path) -> None:
         cap = self.config.max_filesize_mb
@@ -188,7 +239,7 @@ class DownloadStage(Stage[DownloadConfig]):
         if cfg.rate_limit:
             opts["ratelimit"] = parse_bytes(cfg.rate_limit)
         if cfg.proxy:
-            opts["proxy"] = cfg.proxy
+            opts["proxy"] = cfg.proxy.get_secret_value()
         if cfg.cookies_file:
             opts["cookiefile"] = str(cfg.cookies_file)
         if cfg.max_duration_seconds is not None:
@@ -199,26 +250,47 @@ class DownloadStage(Stage[DownloadConfig]):
                 return f"duration {d}s exceeds {cap}s" if d and d > cap else None
 
             opts["match_filter"] = _duration_filter
+        opts["progress_hooks"] = [self._cap_hook()]
         return opts
+
+    def _cap_hook(self) -> Any:
+        """Abort endless or oversized streams (no Content-Length) and downloads that take too long."""
+        max_bytes = None if self.config.max_filesize_mb is None else self.config.max_filesize_mb * 1024 * 1024
+        max_seconds = self.config.max_download_seconds
+        started = time.monotonic()
+
+        def hook(status: dict[str, Any]) -> None:
+            got = status.get("downloaded_bytes") or 0
+            if max_bytes is not None and got > max_bytes:
+                raise _CapExceeded(f"{CAP_MARK}: {got} bytes received, over max_filesize_mb")
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                raise _CapExceeded(f"{CAP_MARK}: still downloading after max_download_seconds={max_seconds}")
+
+        return hook
 
     def _fetch(self, url: str, video_id: str, target_dir: Path) -> tuple[Path, str | None]:
         import yt_dlp
 
         logger = _YtdlpLogger()
+        cfg = self.config
         try:
-            with yt_dlp.YoutubeDL(self._ytdlp_options(target_dir, video_id, logger)) as ydl:
-                info = ydl.extract_info(url, download=True)
+            with address_guard(cfg.allow_private_addresses, cfg.allowed_hosts):
+                with yt_dlp.YoutubeDL(self._ytdlp_options(target_dir, video_id, logger)) as ydl:
+                    info = ydl.extract_info(url, download=True)
         except yt_dlp.utils.DownloadError as exc:
             raise classify_download_error(str(exc)) from None
-        except OSError as exc:
+        except (OSError, _CapExceeded) as exc:
             raise classify_download_error(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            for part in target_dir.glob(f"{video_id}.*.part"):
+                part.unlink(missing_ok=True)
         if info is None:
             raise StageError("; ".join(logger.notes) or "yt-dlp returned nothing", "download_failed")
         if info.get("_type") == "playlist":
             raise StageError("URL is a playlist; give one URL per video", "not_a_video")
         downloads = info.get("requested_downloads") or []
         files = [Path(d["filepath"]) for d in downloads if d.get("filepath")]
-        files = [f for f in files if f.is_file()]
+        files = [f for f in files if f.is_file() and f.resolve().parent == target_dir.resolve()]
         if not files:
             notes = "; ".join(logger.notes)
             if "max-filesize" in notes:

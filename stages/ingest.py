@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pipeline.errors import InputListError
+from pipeline.security import redact_url
 from pipeline.stage import Row
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def read_inputs(list_path: str | Path) -> list[Row]:
         given = rec.get("id")
         meta = {k: _jsonable(v) for k, v in rec.items() if k not in ("url", "id", "_error")}
         row: Row = {
-            "source_url": url,
+            "source_url": redact_url(url),
+            "fetch_url": url,
             "input_index": index,
             "metadata_json": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
         }
@@ -118,12 +120,12 @@ def read_inputs(list_path: str | Path) -> list[Row]:
         if problem is None and not url:
             problem = "empty url"
         if problem is None and not _is_url(url) and not Path(url).expanduser().exists():
-            problem = f"not a URL ({', '.join(URL_SCHEMES)}) and no such local file: {url!r}"
+            problem = f"not a URL ({', '.join(URL_SCHEMES)}) and no such local file: {redact_url(url)!r}"
         row["video_id"] = make_video_id(url or f"line-{index}", None if given is None else str(given))
         if problem is not None:
             kind = "invalid_input"
             if url and not _is_url(url) and ("/" in url or Path(url).suffix) and " " not in url:
-                kind, problem = "not_found", f"no such local file: {url!r}"
+                kind, problem = "not_found", f"no such local file: {redact_url(url)!r}"
             rows.append({**row, "error_stage": "ingest", "error_type": kind, "error": problem})
             continue
         first = seen.get(row["video_id"])

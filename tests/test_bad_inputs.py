@@ -33,7 +33,7 @@ def test_every_bad_input_is_accounted_for(media_server: str, corpus_dir: Path, b
     f = tmp_path / "inputs.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
     out = tmp_path / "out"
-    summary = run_pipeline(f, out, load_config(None, ["split.min_clip_seconds=1"]), backend="sequential")
+    summary = run_pipeline(f, out, load_config(None, ["split.min_clip_seconds=1", "download.allow_private_addresses=true"]), backend="sequential")
     assert summary.inputs == len(lines)
 
     index = pq.read_table(out / "index.parquet").to_pylist()

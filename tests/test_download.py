@@ -11,7 +11,8 @@ from stages.download import DownloadStage, classify_download_error
 
 
 def _stage(tmp_path: Path, **cfg: object) -> DownloadStage:
-    base = {"retries": 1, "backoff_seconds": 0.05, "timeout_seconds": 5.0}
+    base = {"retries": 1, "backoff_seconds": 0.05, "timeout_seconds": 5.0, "allow_private_addresses": True,
+            "allow_file_urls": True}
     return DownloadStage(DownloadConfig(**{**base, **cfg}), StageContext(str(tmp_path)))
 
 
@@ -91,3 +92,56 @@ def test_transient_errors_are_retried(media_server: str, tmp_path: Path, caplog:
 )
 def test_classify_messages(message: str, error_type: str) -> None:
     assert classify_download_error(message).error_type == error_type
+
+
+# ----------------------------------------------------------------------------- refusing bad input
+
+
+def test_private_addresses_are_refused_by_default(media_server: str, tmp_path: Path) -> None:
+    stage = DownloadStage(DownloadConfig(retries=0), StageContext(str(tmp_path)))
+    for url in (f"{media_server}/sample_000.mp4", "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.mp4"):
+        (res,) = stage.process_batch([_row(url)])
+        assert isinstance(res, StageError) and res.error_type == "blocked_address", (url, res)
+    assert not (tmp_path / "videos").exists() or not list((tmp_path / "videos").glob("v1.*"))
+
+
+def test_redirect_to_loopback_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
+    """The first hop (127.0.0.2) is allowed by config; its redirect to 127.0.0.1 is not."""
+    from pipeline.serve import Route, serve_directory
+
+    with serve_directory(corpus_dir) as target:
+        routes = {"/hop.mp4": Route(302, b"", {"Location": f"{target}/sample_000.mp4"})}
+        with serve_directory(corpus_dir, routes, host="127.0.0.2") as first:
+            cfg = DownloadConfig(retries=0, allowed_hosts=["127.0.0.2"])
+            stage = DownloadStage(cfg, StageContext(str(tmp_path)))
+            ok, hop = stage.process_batch([_row(f"{first}/sample_001.mp4", "ok"), _row(f"{first}/hop.mp4", "hop")])
+    assert not isinstance(ok, Exception), ok  # the allowed host itself works
+    assert isinstance(hop, StageError) and hop.error_type == "blocked_address", hop
+    assert not list((tmp_path / "videos").glob("hop.*"))
+
+
+def test_endless_stream_is_cut_at_the_size_cap(tmp_path: Path, corpus_dir: Path) -> None:
+    from pipeline.serve import Route, serve_directory
+
+    routes = {"/live.mp4": Route(200, b"\0" * 65536, {"Content-Type": "video/mp4"}, endless=True)}
+    with serve_directory(corpus_dir, routes) as base:
+        stage = _stage(tmp_path, max_filesize_mb=2, retries=0)
+        (res,) = stage.process_batch([_row(f"{base}/live.mp4")])
+    assert isinstance(res, StageError) and res.error_type == "too_large", res
+    assert not list((tmp_path / "videos").glob("*.part"))
+
+
+def test_file_urls_refused_by_default(tmp_path: Path) -> None:
+    stage = DownloadStage(DownloadConfig(), StageContext(str(tmp_path)))
+    (res,) = stage.process_batch([_row("file:///etc/passwd")])
+    assert isinstance(res, StageError) and res.error_type == "file_url_refused"
+    roots = DownloadStage(DownloadConfig(local_path_roots=[tmp_path]), StageContext(str(tmp_path)))
+    (res,) = roots.process_batch([_row("/etc/passwd")])
+    assert isinstance(res, StageError) and res.error_type == "path_refused"
+
+
+def test_credentials_never_reach_errors(media_server: str, tmp_path: Path) -> None:
+    url = media_server.replace("http://", "http://alice:s3cret@") + "/missing.mp4?X-Amz-Signature=abcdef123456"
+    (res,) = _stage(tmp_path).process_batch([_row(url)])
+    assert isinstance(res, StageError) and res.error_type == "not_found"
+    assert "s3cret" not in str(res) and "abcdef123456" not in str(res)

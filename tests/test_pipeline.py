@@ -44,7 +44,8 @@ def test_end_to_end_on_ray(media_server: str, corpus_dir: Path, tmp_path: Path) 
     inputs = _inputs(media_server, corpus_dir, tmp_path)
     out = tmp_path / "out"
     cfg = load_config(None, ["split.clip_seconds=4", "split.min_clip_seconds=1", "split.max_clip_seconds=6",
-                             "extract.frames_per_clip=3", "ray.num_cpus=4", "write.max_samples_per_shard=4"])  # fmt: skip
+                             "extract.frames_per_clip=3", "ray.num_cpus=4", "write.max_samples_per_shard=4",
+                             "download.allowed_hosts=[127.0.0.1]"])  # fmt: skip
     summary = run_pipeline(inputs, out, cfg, backend="ray")
     index, rejects, errors = _accounting(out)
 
