@@ -296,12 +296,17 @@ class VLLMBackend:
         self.cfg = cfg
         self.model_id = cfg.model
         log.info("vllm: loading %s (tensor_parallel_size=%d)", cfg.model, cfg.tensor_parallel_size)
+        extra: dict[str, Any] = {}
+        if cfg.tensor_parallel_size > 1:
+            # inside a Ray actor that already holds the GPUs: local worker processes, not a Ray placement group
+            extra["distributed_executor_backend"] = "mp"
         self._llm = LLM(
             model=cfg.model,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.context_tokens,
             seed=cfg.seed,
+            **extra,
         )
 
     def sampling_params(self, request: ChatRequest) -> Any:

@@ -313,7 +313,7 @@ def signals_from_row(row: Row, max_chars: int = 1500, *, max_tags: int = 8) -> S
 class Rendered:
     messages: list[dict[str, Any]]
     shown: dict[str, str]  # signal -> text shown to the model
-    flags: list[str]  # e.g. suspected_injection:transcript
+    flags: list[str]  # e.g. suspected_injection:transcript (any untrusted signal of the clip)
 
 
 def _label(name: str) -> str:
@@ -325,7 +325,8 @@ def render(preset: Preset, signals: Signals) -> Rendered:
     shown = {name: signals.values[name] for name in preset.inputs if signals.values.get(name)}
     blocks = [f"<{name}>\n{text}\n</{name}>" for name, text in shown.items()]
     missing = [_label(n) for n in preset.inputs if n not in shown]
-    flags = [f"{INJECTION_FLAG}{n}" for n, text in shown.items() if SIGNALS[n] and instruction_like(str(text))]
+    # every untrusted signal of the clip is scanned, shown or not: its text may reach a model elsewhere
+    flags = [f"{INJECTION_FLAG}{n}" for n, text in signals.values.items() if text and SIGNALS[n] and instruction_like(text)]
     values = {
         "signals": "\n".join(blocks) if blocks else "(no signals are available for this clip)",
         "missing": ", ".join(missing) if missing else "none",
@@ -399,6 +400,8 @@ def ask_structured(
     backend: LLMBackend, preset: Preset, rendered: list[Rendered], *, temperature: float = 0.0
 ) -> list[Outcome]:
     """Ask for one answer per prompt; one repair attempt for invalid answers (not for backend errors)."""
+    if not rendered:
+        return []
     schema = preset.json_schema
     first = backend.chat(
         [ChatRequest(r.messages, max_tokens=preset.max_tokens, temperature=temperature, json_schema=schema) for r in rendered]
