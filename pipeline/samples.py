@@ -90,6 +90,10 @@ SENTENCES: tuple[str, ...] = (
     "Set the oven to two hundred degrees and bake the bread for half an hour.",
     "The spacecraft will reach the orbit of Mars in about seven months.",
     "Lower the sail and steer the boat into the wind.",
+    "Hello and welcome.",
+    "Let's get started.",
+    "That looks delicious.",
+    "Watch this carefully.",
 )
 
 #: Scene kinds understood by :func:`synth_video` (``scene_kinds=``). Kinds in the same family look
@@ -361,7 +365,7 @@ def _melody_expr(rng: random.Random) -> str:
 def _place_sentences(
     rng: random.Random, infos: list[tuple[str, Path, float, float, float]], duration: float, user_given: bool
 ) -> list[tuple[str, Path, float, float, float, float]]:
-    """Choose start times: returns (text, wav, delay, voiced_start, voiced_end) for sentences that fit."""
+    """Place sentences in order with random gaps; (text, wav, dur, delay, voiced_start, voiced_end) each."""
     lead, tail, gap = 0.3, 0.2, 0.25
     kept = list(infos)
     while kept and lead + tail + sum(i[2] for i in kept) + gap * (len(kept) - 1) > duration:
@@ -407,9 +411,11 @@ def synth_video(
     Args:
         path: output file (.mp4, or .m4a for audio-only).
         duration: length in seconds; the video is ``round(duration * fps)`` frames long.
-        n_scenes: number of scenes joined by hard cuts (each at least 1.5 s when there are several).
+        n_scenes: number of scenes joined by hard cuts (each at least 1.5 s when there are several;
+            ``ValueError`` if they cannot fit).
         speech: sentences to speak in order; ``None`` picks ~one per 3.5 s from :data:`SENTENCES`,
-            ``[]`` means no speech. Sentences that do not fit are dropped (with a warning).
+            ``[]`` means no speech. Sentences that do not fit are dropped (with a warning); ignored
+            when ``audio`` is False.
         width, height: frame size (even numbers, yuv420p).
         fps: frame rate.
         audio: write an AAC stereo 48 kHz track (speech over a pink-noise/hum bed, or a melody).
@@ -433,7 +439,9 @@ def synth_video(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(f"avforge-sample-{seed}")
+    # separate streams of randomness: switching audio on/off never changes the pictures and vice versa
+    rng = random.Random(f"avforge-sample-{seed}-video")
+    arng = random.Random(f"avforge-sample-{seed}-audio")
     rate = Fraction(fps).limit_denominator(1001)
     total_frames = max(1, round(duration * fps))
     true_len = float(total_frames / rate) if video else duration
@@ -450,14 +458,23 @@ def synth_video(
             acc += n
             cut_times.append(round(float(acc / rate), 6))
 
-    # ---- speech plan (random draws happen even without audio so the video is independent of it)
+    # ---- speech plan
+    voice = arng.choice(["en-us", "en-gb", "en-us+f3", "en-us+m3", "en-gb+f2", "en-us+m7"])
+    speed, pitch = arng.randrange(150, 185), arng.randrange(35, 65)  # words per minute, 0-99
     if speech is None:
-        k = max(1, round(duration / 3.5))
-        texts = rng.sample(SENTENCES, min(k, len(SENTENCES)))
+        # about one sentence per 3.5 s, drawn at random among those whose estimated length still fits
+        want = max(1, round(true_len / 3.5))
+        budget = true_len - 0.5
+        texts = []
+        for text in arng.sample(SENTENCES, len(SENTENCES)):
+            est = len(text.split()) * 60.0 / speed + 0.25  # espeak speaks ~`speed` words/min
+            if est <= budget:
+                texts.append(text)
+                budget -= est
+            if len(texts) == want:
+                break
     else:
         texts = [s for s in speech if s.strip()]
-    voice = rng.choice(["en-us", "en-gb", "en-us+f3", "en-us+m3", "en-gb+f2", "en-us+m7"])
-    speed, pitch = rng.randrange(150, 185), rng.randrange(35, 65)
 
     cmd: list[str] = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-y"]
     graph: list[str] = []
@@ -471,7 +488,7 @@ def synth_video(
                 wav = Path(tmp) / f"s{j}.wav"
                 _espeak(text, wav, voice=voice, speed=speed, pitch=pitch)
                 infos.append((text, wav, *_wav_info(wav)))
-            placed = _place_sentences(rng, infos, true_len, user_given=speech is not None)
+            placed = _place_sentences(arng, infos, true_len, user_given=speech is not None)
             for _text, wav, *_rest in placed:
                 cmd += ["-i", str(wav)]
 
@@ -490,11 +507,12 @@ def synth_video(
         if audio:
             d = f"{true_len:.6f}"
             if music:
-                graph.append(f"aevalsrc=exprs='{_melody_expr(rng)}':s={_AUDIO_RATE}:d={d}[bed]")
+                graph.append(f"aevalsrc=exprs='{_melody_expr(arng)}':s={_AUDIO_RATE}:d={d}[bed]")
             else:
+                noise_seed, hum_hz = arng.randrange(1 << 30), arng.choice([50, 60])
                 graph.append(
-                    f"anoisesrc=color=pink:amplitude={_BED_AMPLITUDE}:seed={rng.randrange(1 << 30)}:r={_AUDIO_RATE}:d={d}[noise];"
-                    f"sine=f={rng.choice([50, 60])}:r={_AUDIO_RATE}:d={d},volume={_HUM_AMPLITUDE / 0.125:.4f}[hum];"
+                    f"anoisesrc=color=pink:amplitude={_BED_AMPLITUDE}:seed={noise_seed}:r={_AUDIO_RATE}:d={d}[noise];"
+                    f"sine=f={hum_hz}:r={_AUDIO_RATE}:d={d},volume={_HUM_AMPLITUDE / 0.125:.4f}[hum];"
                     "[noise][hum]amix=inputs=2:duration=first:normalize=0[bed]"
                 )
             mix_in = ["[bed]"]
