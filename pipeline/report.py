@@ -43,12 +43,12 @@ from pipeline.config import ReportConfig
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT_ROWS = 50_000  # text statistics use at most this many clips (a random sample beyond)
+MAX_TEXT_ROWS = 20_000  # text statistics use at most this many clips (a random sample beyond)
 THUMB_WIDTH = 128
 THUMBS_PER_CLIP = 6
 AUDIO_BITRATE = 16_000
 TOP_N = 20
-_SKIP_COLUMNS = {"visual_embedding", "text_embedding"}
+_SKIP_COLUMNS = {"visual_embedding", "text_embedding", "asr_segments"}  # large, not shown
 # numeric columns that are not quality signals (times, sizes, ids) or that have a plot of their own
 _NOT_SIGNALS = frozenset({
     "input_index", "video_duration", "width", "height", "fps", "clip_index", "clip_count", "clip_start", "clip_end",
@@ -258,7 +258,8 @@ def _hist(series: dict[str, np.ndarray], xlabel: str, bins: int = 30, small: boo
                             f'{_fmt(edges[i])}–{_fmt(edges[i + 1])}: {v}</title></rect>')  # fmt: skip
     for i in range(5):
         x = left + pw * i / 4
-        body.append(f'<text x="{x:.1f}" y="{head + ph + 14}" text-anchor="middle">{_fmt(lo + (edges[-1] - lo) * i / 4)}</text>')
+        anchor = "start" if i == 0 else "end" if i == 4 else "middle"
+        body.append(f'<text x="{x:.1f}" y="{head + ph + 14}" text-anchor="{anchor}">{_fmt(lo + (edges[-1] - lo) * i / 4)}</text>')
     body.append(f'<text x="{left + pw / 2}" y="{h - 4}" text-anchor="middle" fill="#555">{_e(xlabel)}</text>')
     if small or len(series) > 1:
         x = left
