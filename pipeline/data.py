@@ -22,7 +22,7 @@ Streaming, for training (a ``torch.utils.data.IterableDataset``)::
 Shards are split across nodes (``rank`` / ``world_size``, by default from ``torch.distributed``
 or the ``RANK`` / ``WORLD_SIZE`` variables) and then across DataLoader workers, so every sample is
 read exactly once per epoch; give it at least ``world_size * num_workers`` shards to keep every
-worker busy. Clips have different lengths: use ``batch_size=None`` or a padding ``collate_fn``.
+worker busy. Clips have different lengths: use ``batch_size=None``, or ``collate_fn=collate_clips`` (pads audio).
 
 Random access by position or key (``wids``; needs torch)::
 
@@ -70,6 +70,7 @@ Sample = dict[str, Any]
 __all__ = [
     "ClipStream",
     "RandomAccessClips",
+    "collate_clips",
     "decode_audio",
     "decode_sample",
     "hf_features",
@@ -440,6 +441,29 @@ def load_shards(
     )  # fmt: skip
 
 
+def collate_clips(samples: list[Sample]) -> dict[str, Any]:
+    """A DataLoader ``collate_fn`` for clips of different lengths.
+
+    ``audio`` is zero-padded to the longest clip, with ``audio_lengths``; ``frames`` (tensors of one
+    size) are stacked to ``(B, T, H, W, 3)`` when every clip has the same count, else kept as a
+    list; ``key``, ``caption``, ``meta`` and ``frame_times`` become lists.
+    """
+    import torch
+
+    out: dict[str, Any] = {name: [s[name] for s in samples] for name in ("key", "caption", "meta", "frame_times")}
+    if samples and "audio" in samples[0]:
+        lengths = [len(s["audio"]) for s in samples]
+        audio = torch.zeros((len(samples), max(lengths)), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            audio[i, : lengths[i]] = s["audio"]
+        out.update(audio=audio, audio_lengths=torch.tensor(lengths), sample_rate=samples[0]["sample_rate"])
+    if samples and "frames" in samples[0]:
+        frames = [s["frames"] for s in samples]
+        same = all(isinstance(f, torch.Tensor) and f.shape == frames[0].shape for f in frames)
+        out["frames"] = torch.stack(frames) if same else frames
+    return out
+
+
 # --------------------------------------------------------------------------- random access
 
 
@@ -477,7 +501,8 @@ def open_random_access(
     ``$WIDS_CACHE`` or ``/tmp/_wids_cache``). Positions follow the shard order, and the sample
     order inside each shard (from the shard sidecars).
     """
-    import wids
+    from wids import ShardListDataset
+    from wids.wids import DefaultLocalname
 
     urls = shard_urls(source)
     shardlist: list[dict[str, Any]] = []
@@ -490,12 +515,11 @@ def open_random_access(
     def transform(sample: Sample) -> Sample:
         return decode_sample(sample, audio_rate, frames)
 
-    options: dict[str, Any] = {"transformations": [transform]}
     if all(not _is_url(u) for u in urls):
-        options["localname"] = str  # read local shards where they are: no copy
-    elif cache_dir is not None:
-        options["cache_dir"] = str(cache_dir)
-    dataset = wids.ShardListDataset(shardlist, **options)
+        localname: Callable[[str], str] = str  # read local shards where they are: no copy
+    else:  # one cache file per full URL (wids's cache_dir= keys by file name only, which collides)
+        localname = DefaultLocalname(str(cache_dir or os.environ.get("WIDS_CACHE", "/tmp/_wids_cache")))
+    dataset = ShardListDataset(shardlist, localname=localname, transformations=[transform])
     return RandomAccessClips(dataset, keys)
 
 

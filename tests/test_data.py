@@ -34,6 +34,7 @@ from schemas.records import shard_json
 torch = pytest.importorskip("torch")
 
 from pipeline.data import (  # noqa: E402 - after the torch check
+    collate_clips,
     decode_audio,
     hf_features,
     load_shards,
@@ -342,3 +343,38 @@ def test_bad_sample_is_skipped_or_raised(enriched_run: Path, tmp_path: Path) -> 
         list(load_shards([str(bad)]))
     assert list(load_shards([str(bad)], skip_errors=True)) == []
     assert len(list(load_shards([str(bad)], audio_rate=None))) == 2
+
+
+def test_batches_with_padding_collate(enriched_run: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    index = {r["key"]: r for r in read_index(enriched_run).to_pylist()}
+    loader = DataLoader(load_shards(enriched_run), batch_size=3, num_workers=2, collate_fn=collate_clips)
+    seen = []
+    for batch in loader:
+        n = len(batch["key"])
+        assert batch["audio"].shape[0] == n and batch["frames"].shape[:2] == (n, 8)
+        for i, key in enumerate(batch["key"]):
+            samples = round((index[key]["clip_end"] - index[key]["clip_start"]) * 16000)
+            assert int(batch["audio_lengths"][i]) == samples
+            assert not batch["audio"][i, samples:].any()  # zero padding after the clip
+        seen += batch["key"]
+    assert sorted(seen) == sorted(index)
+
+
+def test_remote_output_over_http(enriched_run: Path, tmp_path: Path) -> None:
+    """An output folder behind a URL: index via fsspec, shards via webdataset, wids via its cache."""
+    from pipeline.serve import serve_directory
+
+    index = read_index(enriched_run)
+    with serve_directory(enriched_run.parent) as base:
+        url = f"{base}/{enriched_run.name}"
+        assert shard_urls(url) == [f"{url}/shards/{Path(u).name}" for u in shard_urls(enriched_run)]
+        picked = query_index(url, languages=["en"])
+        assert picked.num_rows == index.filter(pc.field("language") == "en").num_rows > 0
+        keys = [s["key"] for s in load_shards(url, keys=picked, frames="none")]
+        assert sorted(keys) == sorted(picked.column("key").to_pylist())
+        clips = open_random_access(url, cache_dir=tmp_path / "wids")
+        key = clips.keys[-1]
+        assert clips.get(key)["key"] == key and len(clips) == index.num_rows
+        assert any((tmp_path / "wids").iterdir())  # remote shards were cached locally
