@@ -368,6 +368,7 @@ def opus_data_uri(audio: bytes, bitrate: int = AUDIO_BITRATE) -> str:
     with av.open(io.BytesIO(audio)) as src, av.open(out_buf, "w", format="ogg") as dst:
         stream = dst.add_stream("libopus", rate=16000, layout="mono")
         stream.bit_rate = bitrate
+        stream.codec_context.options = {"compression_level": "2"}  # a preview: favour speed
         resampler = av.AudioResampler(format="s16", layout="mono", rate=16000)
         fifo = av.AudioFifo()
         size = stream.codec_context.frame_size or 320
