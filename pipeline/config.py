@@ -104,8 +104,11 @@ class LLMBackendConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(0, description="sampling seed (None: random)")
     max_tokens: int | None = Field(None, ge=1, description="answer token limit; default: the preset's")
-    json_mode: Literal["schema", "object", "off"] = Field(
-        "schema", description="schema: constrained decoding to the answer's JSON schema; object: any JSON; off: prompt only"
+    json_mode: Literal["schema", "object_schema", "object", "off"] = Field(
+        "schema",
+        description="how JSON is asked for: schema = the answer's JSON schema enforced (OpenAI response_format "
+        "json_schema); object_schema = json_object carrying the schema (llama-cpp-python's server); "
+        "object = any JSON object; off = the prompt only",
     )
     context_tokens: int = Field(4096, ge=256, description="context window (llama_cpp n_ctx, vllm max_model_len)")
     threads: int | None = Field(None, ge=1, description="llama_cpp CPU threads (default: 1 per worker CPU)")
@@ -323,7 +326,7 @@ class RayConfig(Section):
 
 class RunConfig(Section):
     stages: list[str] = Field(default_factory=lambda: ["download", "split", "extract", "quality"])
-    staging_dir: Path | None = Field(None, description="default: OUTPUT/_staging")
+    staging_dir: str | None = Field(None, description="local folder or object-store URL; default: OUTPUT/_staging")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)

@@ -17,8 +17,10 @@ import pyarrow.parquet as pq
 from pipeline.config import RunConfig, dump_config
 from pipeline.executor import apply_stage
 from pipeline.registry import build_stages
-from pipeline.sink import ResumeState, Sink, finalize_outputs
+from pipeline import storage
+from pipeline.sink import OutputStore, ResumeState, Sink, finalize_outputs
 from pipeline.stage import Row, Stage, StageContext
+from pipeline.storage import StagingArea
 from stages.ingest import read_inputs
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class RunSummary:
     wall_seconds: float
     video_seconds: float
     stats: dict[str, Any]
+    output_uri: str = ""
 
     def lines(self) -> list[str]:
         rate = self.video_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
@@ -46,7 +49,7 @@ class RunSummary:
             f"errors:      {self.errors}",
             f"wall time:   {self.wall_seconds:.1f} s",
             f"throughput:  {rate:.2f} video-seconds per second (this run)",
-            f"output:      {self.output}",
+            f"output:      {self.output_uri or self.output}",
         ]
 
 
@@ -193,19 +196,23 @@ def run_pipeline(
 ) -> RunSummary:
     """Run the whole job into ``output_dir``; a rerun resumes where an earlier run stopped."""
     started = time.monotonic()
-    out = Path(output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(config.staging_dir).resolve() if config.staging_dir else out / "_staging"
-    staging.mkdir(parents=True, exist_ok=True)
+    store = OutputStore(output_dir)
+    out = store.root
+    if config.staging_dir:
+        staging_uri = config.staging_dir if storage.is_remote(config.staging_dir) else str(Path(config.staging_dir).resolve())
+    else:
+        staging_uri = storage.join(store.uri, "_staging")
+    staging = StagingArea(staging_uri)
     saved = out / "config.yaml"
     text = dump_config(config)
     if saved.exists() and saved.read_text() != text:
         log.warning("config differs from the one saved in %s by an earlier run; resuming with the new one", saved)
     saved.write_text(text)
+    store.publish("config.yaml")
 
-    state = ResumeState.load(out)
+    state = ResumeState.load(store)
     rows = read_inputs(input_list)
-    sink = Sink(out, config.write, state, staging)
+    sink = Sink(store, config.write, state, staging)
     todo: list[Row] = []
     for row in rows:
         if state.video_done(row["video_id"]):
@@ -216,7 +223,7 @@ def run_pipeline(
             todo.append(row)
     log.info("%d inputs: %d to process, %d done earlier or unusable", len(rows), len(todo), len(rows) - len(todo))
 
-    stages = build_stages(config, StageContext(staging_dir=str(staging)))
+    stages = build_stages(config, StageContext(staging_dir=staging.uri))
     try:
         _run_phases(stages, todo, config, backend, sink)
         sink.close()
@@ -224,21 +231,27 @@ def run_pipeline(
         log.warning("run interrupted: keeping finished work; rerun the same command to resume")
         sink.abort()
         raise
-    counts = finalize_outputs(out)
+    counts = finalize_outputs(store)
     wall = time.monotonic() - started
     stats = _stats(out, sink, counts, len(rows), wall, config)
     tmp = out / ".stats.json.tmp"
     tmp.write_text(json.dumps(stats, indent=2, sort_keys=False))
     os.replace(tmp, out / "stats.json")
-    if not config.write.keep_staging and all(state.video_done(r["video_id"]) for r in rows):
+    store.publish("stats.json")
+    if not config.write.keep_staging and not staging.remote and all(state.video_done(r["video_id"]) for r in rows):
         import shutil
 
-        shutil.rmtree(staging / "clips", ignore_errors=True)
+        shutil.rmtree(staging.root / "clips", ignore_errors=True)
     if config.report.enabled:
         try:
             from pipeline.report import write_report
 
             write_report(out, config.report)
+            for f in sorted((out / "report").rglob("*")):
+                if f.is_file():
+                    store.publish(f.relative_to(out).as_posix())
         except Exception:  # noqa: BLE001 - the report is a by-product: never fail a finished run for it
             log.warning("could not write the report under %s/report", out, exc_info=True)
-    return RunSummary(out, len(rows), counts["kept"], counts["rejected"], counts["errors"], wall, sink.video_seconds, stats)
+    return RunSummary(
+        out, len(rows), counts["kept"], counts["rejected"], counts["errors"], wall, sink.video_seconds, stats, store.uri
+    )

@@ -15,6 +15,7 @@ rejects or errors; a rerun skips done videos and never writes a key twice.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -30,14 +31,70 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import WriteConfig
 from pipeline.stage import Row
+from pipeline.storage import StagingArea
 from schemas.records import Clip, ErrorRecord, arrow_schema, index_fields, index_schema, shard_json, to_table
 
 log = logging.getLogger(__name__)
 
 SHARD_FIELD = ("shard", pa.string())
 _ERR_EXTRA = ("clip_count", pa.int64())
+
+
+class OutputStore:
+    """The output folder: a local folder, or a local mirror of an object-store prefix.
+
+    Everything is written locally first (atomically) and then ``publish``-ed: a no-op for a local
+    output, an upload of the finished file for a remote one (an object appears only once its
+    upload completes, so readers never see half a shard). ``pull`` brings the small bookkeeping
+    files of earlier runs (sidecars, parts) into the mirror for resume.
+    """
+
+    def __init__(self, uri: str | Path) -> None:
+        self.uri = str(uri)
+        self.remote = storage.is_remote(self.uri)
+        if self.remote:
+            digest = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
+            self.root = storage.SCRATCH / f"output-{digest}"
+        else:
+            self.root = Path(self.uri).resolve()
+            self.uri = str(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, rel: str, keep_local: bool = True) -> None:
+        if not self.remote:
+            return
+        storage.put_file(self.root / rel, storage.join(self.uri, *rel.split("/")))
+        if not keep_local:
+            (self.root / rel).unlink(missing_ok=True)
+
+    def remove(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+        if self.remote:
+            storage.remove(storage.join(self.uri, *rel.split("/")))
+
+    def pull(self) -> None:
+        """Fetch sidecars and parts of earlier runs; delete remote tars that have no sidecar."""
+        if not self.remote:
+            return
+        for sub in ("shards", "_parts"):
+            remote = storage.join(self.uri, sub)
+            for uri in storage.listdir(remote, ".parquet"):
+                local = self.root / sub / uri.rsplit("/", 1)[-1]
+                if not local.exists():
+                    storage.get_file(uri, local)
+        sides = {u.rsplit("/", 1)[-1][: -len(".parquet")] for u in storage.listdir(storage.join(self.uri, "shards"), ".parquet")}
+        for uri in storage.listdir(storage.join(self.uri, "shards"), ".tar"):
+            if uri.rsplit("/", 1)[-1][: -len(".tar")] not in sides:
+                log.warning("removing %s: written by an interrupted run (no sidecar index)", uri)
+                storage.remove(uri)
+
+    def remote_tars(self) -> set[str]:
+        if not self.remote:
+            return set()
+        return {u.rsplit("/", 1)[-1] for u in storage.listdir(storage.join(self.uri, "shards"), ".tar")}
 
 
 def error_part_schema() -> pa.Schema:
@@ -79,8 +136,10 @@ class ResumeState:
         return count is not None and len(self.per_video.get(video_id, ())) >= count
 
     @classmethod
-    def load(cls, out_dir: Path) -> ResumeState:
+    def load(cls, store: OutputStore) -> ResumeState:
         state = cls()
+        store.pull()
+        out_dir = store.root
         shards = out_dir / "shards"
         parts = out_dir / "_parts"
         for tmp in list(shards.glob(".*.tmp")) + list(parts.glob(".*.tmp")):
@@ -116,13 +175,14 @@ def _atomic_write_parquet(table: pa.Table, target: Path) -> None:
 class Sink:
     """Consumes finished rows, writes shards and parts, and counts what it saw."""
 
-    def __init__(self, out_dir: Path, cfg: WriteConfig, state: ResumeState, staging_dir: Path) -> None:
-        self.out = out_dir
+    def __init__(self, store: OutputStore, cfg: WriteConfig, state: ResumeState, staging: StagingArea) -> None:
+        self.store = store
+        self.out = store.root
         self.cfg = cfg
         self.state = state
-        self.staging = staging_dir
-        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-        (out_dir / "_parts").mkdir(parents=True, exist_ok=True)
+        self.staging = staging
+        (self.out / "shards").mkdir(parents=True, exist_ok=True)
+        (self.out / "_parts").mkdir(parents=True, exist_ok=True)
         self._shard_rows: list[Row] = []
         self._shard_bytes = 0
         self._tar: tarfile.TarFile | None = None
@@ -189,11 +249,11 @@ class Sink:
         key = row["key"]
         out: list[tuple[str, bytes]] = []
         if row.get("audio_uri"):
-            out.append((f"{key}.flac", Path(row["audio_uri"]).read_bytes()))
+            out.append((f"{key}.flac", storage.read_bytes(row["audio_uri"])))
         for i, uri in enumerate(row.get("frame_uris") or []):
-            out.append((f"{key}.{i}.jpg", Path(uri).read_bytes()))
+            out.append((f"{key}.{i}.jpg", storage.read_bytes(uri)))
         if row.get("clip_uri"):
-            out.append((f"{key}.mp4", Path(row["clip_uri"]).read_bytes()))
+            out.append((f"{key}.mp4", storage.read_bytes(row["clip_uri"])))
         doc = shard_json(row)
         out.append((f"{key}.json", json.dumps(doc, ensure_ascii=False, sort_keys=True).encode("utf-8")))
         out.append((f"{key}.txt", (row.get("caption") or "").encode("utf-8")))
@@ -217,11 +277,14 @@ class Sink:
         name = self._shard_name()
         tar_path = self.out / "shards" / f"{name}.tar"
         os.replace(self._tar_tmp, tar_path)
+        tar_mib = tar_path.stat().st_size / 2**20
+        self.store.publish(f"shards/{name}.tar", keep_local=False)
         table = to_table(self._shard_rows)
         table = table.select(list(index_fields(Clip)))
         table = table.append_column(pa.field(*SHARD_FIELD), pa.array([f"{name}.tar"] * table.num_rows, pa.string()))
         _atomic_write_parquet(table, self.out / "shards" / f"{name}.parquet")
-        log.info("wrote shard %s.tar (%d samples, %.1f MiB)", name, table.num_rows, tar_path.stat().st_size / 2**20)
+        self.store.publish(f"shards/{name}.parquet")
+        log.info("wrote shard %s.tar (%d samples, %.1f MiB)", name, table.num_rows, tar_mib)
         rows = self._shard_rows
         self._shard_rows, self._shard_bytes, self._tar, self._tar_tmp = [], 0, None, None
         self.state.next_shard += 1
@@ -237,6 +300,7 @@ class Sink:
         if self._rejects:
             t = to_table(self._rejects).select(list(index_fields(Clip)))
             _atomic_write_parquet(t, self.out / "_parts" / f"rejects-{n:06d}.parquet")
+            self.store.publish(f"_parts/rejects-{n:06d}.parquet")
         if self._errors:
             recs = [
                 {
@@ -252,6 +316,7 @@ class Sink:
             ]
             _atomic_write_parquet(pa.Table.from_pylist(recs, schema=error_part_schema()),
                                   self.out / "_parts" / f"errors-{n:06d}.parquet")  # fmt: skip
+            self.store.publish(f"_parts/errors-{n:06d}.parquet")
         done = self._rejects + self._errors
         self._rejects, self._errors = [], []
         self.state.next_part += 1
@@ -267,14 +332,15 @@ class Sink:
         for r in rows:
             for uri in [r.get("audio_uri"), r.get("clip_uri"), *(r.get("frame_uris") or [])]:
                 if uri:
-                    Path(uri).unlink(missing_ok=True)
+                    storage.remove(uri)
             videos.add((r["video_id"], r.get("local_path")))
-        staged_videos = (self.staging / "videos").resolve()
+        staged_videos = self.staging.uri_of("videos")
         for vid, local in videos:
-            if local and self.state.video_done(vid) and Path(local).resolve().parent == staged_videos:
-                Path(local).unlink(missing_ok=True)
-                (staged_videos / f"{vid}.done").unlink(missing_ok=True)
-                shutil.rmtree(self.staging / "clips" / vid, ignore_errors=True)
+            if local and self.state.video_done(vid) and local.startswith(staged_videos):
+                storage.remove(local)
+                (self.staging.root / "videos" / f"{vid}.done").unlink(missing_ok=True)
+                if not self.staging.remote:
+                    shutil.rmtree(self.staging.root / "clips" / vid, ignore_errors=True)
 
     def close(self) -> None:
         """Write the open shard and pending parts (end of input)."""
@@ -309,8 +375,9 @@ def _dedupe_sorted(table: pa.Table, by: list[str]) -> pa.Table:
     return pa.Table.from_pylist(ordered, schema=table.schema)
 
 
-def finalize_outputs(out_dir: Path) -> dict[str, int]:
+def finalize_outputs(store: OutputStore) -> dict[str, int]:
     """Merge sidecars and parts into index.parquet, rejects.parquet and errors.parquet."""
+    out_dir = store.root
     ischema = index_schema(Clip, (SHARD_FIELD,))
     index = _concat(sorted((out_dir / "shards").glob("*.parquet")), ischema)
     index = _dedupe_sorted(index, ["key"])
@@ -322,4 +389,6 @@ def finalize_outputs(out_dir: Path) -> dict[str, int]:
     errors = _concat(sorted((out_dir / "_parts").glob("errors-*.parquet")), eschema)
     errors = _dedupe_sorted(errors, ["video_id", "key", "error_stage"])
     _atomic_write_parquet(errors, out_dir / "errors.parquet")
+    for name in ("index.parquet", "rejects.parquet", "errors.parquet"):
+        store.publish(name)
     return {"kept": index.num_rows, "rejected": rejects.num_rows, "errors": errors.num_rows}

@@ -17,12 +17,15 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.config import DownloadConfig
 from pipeline.errors import StageError
+from pipeline import storage
 from pipeline.security import BLOCKED_MARK, address_guard, check_host, redact_text
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import StagingArea
 from stages._media import probe
 
 log = logging.getLogger(__name__)
 
+OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
 CAP_MARK = "download cap"
 
@@ -127,9 +130,43 @@ class DownloadStage(Stage[DownloadConfig]):
         if parsed.scheme in ("http", "https", "ftp"):
             self._check_address(parsed.hostname or "")
             path, title = self._fetch_with_retries(url, row["video_id"])
+        elif parsed.scheme in OBJECT_SCHEMES:
+            path, title = self._fetch_object(url, row["video_id"]), Path(parsed.path).stem
         else:
             path = self._local_path(url)
             title = path.stem
+        try:
+            self._check_media(path)
+        except StageError:
+            if self._staged(path):
+                path.unlink(missing_ok=True)
+            raise
+        local_path = self.staging.publish(f"videos/{path.name}") if self._staged(path) else str(path)
+        return {"local_path": local_path, "title": title, "video_duration": probe(path).duration}
+
+    @property
+    def staging(self) -> StagingArea:
+        return StagingArea(self.context.staging_dir)
+
+    def _staged(self, path: Path) -> bool:
+        return path.parent == self.staging.root / "videos"
+
+    def _fetch_object(self, url: str, video_id: str) -> Path:
+        """Copy an object-store URL (s3://, gs://, ...) into the staging area."""
+        try:
+            nbytes = storage.size(url)
+        except FileNotFoundError:
+            raise StageError(f"no such object: {redact_text(url)}", "not_found") from None
+        except PermissionError as exc:
+            raise StageError(f"access denied: {exc}", "forbidden") from None
+        cap = self.config.max_filesize_mb
+        if cap is not None and nbytes > cap * 1024 * 1024:
+            raise StageError(f"object is {nbytes / 2**20:.1f} MiB, over max_filesize_mb={cap}", "too_large")
+        target = self.staging.local(f"videos/{video_id}{Path(urlparse(url).path).suffix or '.mp4'}")
+        storage.get_file(url, target)
+        return target
+
+    def _check_media(self, path: Path) -> None:
         self._check_size(path)
         info = probe(path)
         cap = self.config.max_duration_seconds
@@ -138,13 +175,15 @@ class DownloadStage(Stage[DownloadConfig]):
         max_h = self.config.max_source_height
         if max_h is not None and info.height is not None and info.height > max_h:
             raise StageError(f"video is {info.height}px tall, over max_source_height={max_h}", "too_large")
-        return {"local_path": str(path), "title": title, "video_duration": info.duration}
 
     def preflight(self, url: str) -> None:
         """The checks a download makes before fetching anything (used by ``--dry-run``)."""
         parsed = urlparse(url)
         if parsed.scheme in ("http", "https", "ftp"):
             self._check_address(parsed.hostname or "")
+        elif parsed.scheme in OBJECT_SCHEMES:
+            if not storage.exists(url):
+                raise StageError(f"no such object: {redact_text(url)}", "not_found")
         else:
             self._local_path(url)
 
@@ -185,10 +224,10 @@ class DownloadStage(Stage[DownloadConfig]):
             raise StageError(f"file is {size / 2**20:.1f} MiB, over max_filesize_mb={cap}", "too_large")
 
     def _fetch_with_retries(self, url: str, video_id: str) -> tuple[Path, str | None]:
-        target_dir = Path(self.context.staging_dir) / "videos"
+        target_dir = self.staging.root / "videos"
         target_dir.mkdir(parents=True, exist_ok=True)
         done = target_dir / f"{video_id}.done"
-        if done.exists():  # resume: downloaded by an earlier run
+        if done.exists() and not self.staging.remote:  # resume: downloaded by an earlier run
             name, _, title = done.read_text().partition("\n")
             cached = target_dir / name
             if cached.is_file():

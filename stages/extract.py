@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.config import ExtractConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import StagingArea, localize
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class _ClipWork:
     start: float
     end: float
     targets: list[float]
-    out_dir: Path
+    out_dir: str  # relative to the staging area
+    staging: StagingArea
     frames: dict[int, str] = field(default_factory=dict)
     frame_times: dict[int, float] = field(default_factory=dict)
     thumbs: list[np.ndarray] = field(default_factory=list)
@@ -119,6 +121,10 @@ class ExtractStage(Stage[ExtractConfig]):
     def batch_size(self) -> int:
         return self.config.batch_size
 
+    @property
+    def staging(self) -> StagingArea:
+        return StagingArea(self.context.staging_dir)
+
     def process_batch(self, rows: list[Row]) -> list[Any]:
         by_video: dict[str, list[int]] = defaultdict(list)
         for i, row in enumerate(rows):
@@ -136,15 +142,15 @@ class ExtractStage(Stage[ExtractConfig]):
         cfg = self.config
         work: list[_ClipWork] = []
         for row in rows:
-            out_dir = Path(self.context.staging_dir) / "clips" / row["video_id"]
-            out_dir.mkdir(parents=True, exist_ok=True)
+            out_dir = f"clips/{row['video_id']}"
             targets = (
                 frame_targets(row["clip_start"], row["clip_end"], cfg.frames_per_clip, cfg.frame_mode,
                               row.get("shot_times") or [])
                 if row.get("has_video") else []
             )  # fmt: skip
-            work.append(_ClipWork(row, row["clip_start"], row["clip_end"], targets, out_dir))
+            work.append(_ClipWork(row, row["clip_start"], row["clip_end"], targets, out_dir, self.staging))
         try:
+            path = str(localize(path))
             self._decode(path, work, any(r.get("has_video") for r in rows), any(r.get("has_audio") for r in rows))
         except StageError as exc:
             return [exc] * len(rows)
@@ -221,7 +227,9 @@ class ExtractStage(Stage[ExtractConfig]):
                 raise StageError("audio stream ends before the clip (truncated or damaged)", "corrupt_media")
             out.update(w.audio)
         if cfg.write_clip_mp4:
-            out["clip_uri"] = _cut_mp4(path, w.out_dir / f"{key}.mp4", w.start, w.end)
+            rel = f"{w.out_dir}/{key}.mp4"
+            _cut_mp4(path, w.staging.local(rel), w.start, w.end)
+            out["clip_uri"] = w.staging.publish(rel)
         return out
 
 
@@ -267,9 +275,9 @@ class _VideoPicker:
         if self.size is None:
             self.size = _scaled_size(frame.width, frame.height, self.cfg.frame_size)
         image = frame.reformat(width=self.size[0], height=self.size[1], format="rgb24").to_image()
-        target = w.out_dir / f"{w.row['key']}.{index}.jpg"
-        image.save(target, format="JPEG", quality=self.cfg.jpeg_quality)
-        w.frames[index] = str(target)
+        rel = f"{w.out_dir}/{w.row['key']}.{index}.jpg"
+        image.save(w.staging.local(rel), format="JPEG", quality=self.cfg.jpeg_quality)
+        w.frames[index] = w.staging.publish(rel)
         w.frame_times[index] = t
 
     def finish(self) -> None:
@@ -334,10 +342,10 @@ class _AudioCollector:
         samples = buf[a : a + n]
         if len(samples) < n:
             samples = np.concatenate([samples, np.zeros(n - len(samples), np.float32)])
-        target = w.out_dir / f"{w.row['key']}.flac"
-        write_flac(target, samples)
+        rel = f"{w.out_dir}/{w.row['key']}.flac"
+        write_flac(w.staging.local(rel), samples)
         rms_db, peak_db, silence = loudness(samples, self.silence_db)
-        w.audio = {"audio_uri": str(target), "audio_rms_db": rms_db, "audio_peak_db": peak_db, "silence_ratio": silence}
+        w.audio = {"audio_uri": w.staging.publish(rel), "audio_rms_db": rms_db, "audio_peak_db": peak_db, "silence_ratio": silence}
 
     def _trim(self, keep_from: float) -> None:
         assert self.origin is not None

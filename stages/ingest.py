@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline import storage
 from pipeline.errors import InputListError
 from pipeline.security import redact_url
 from pipeline.stage import Row
@@ -99,7 +100,12 @@ def _jsonable(value: Any) -> Any:
 
 def read_inputs(list_path: str | Path) -> list[Row]:
     """Rows for every input: a video row, or an error row for a line that cannot be used."""
-    path = Path(list_path)
+    if storage.is_remote(list_path):
+        if not storage.exists(str(list_path)):
+            raise InputListError(f"input list not found: {list_path}")
+        path = storage.localize(str(list_path))
+    else:
+        path = Path(list_path)
     if not path.is_file():
         raise InputListError(f"input list not found: {path}")
     records = _read_records(path)

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.config import SplitConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import localize
 from stages._media import probe
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class SplitStage(Stage[SplitConfig]):
         path = row.get("local_path")
         if not path:
             raise StageError("no local file to split (download stage missing?)", "missing_input")
+        path = str(localize(path))
         info = probe(path)
         base: dict[str, Any] = {
             "video_duration": info.duration,
@@ -137,6 +139,12 @@ class SplitStage(Stage[SplitConfig]):
             except Exception as exc:  # noqa: BLE001 - a decode failure is a property of the input
                 raise StageError(f"shot detection could not decode the video: {exc}", "corrupt_media") from None
         windows = self.plan(info.duration, cuts)
+        if self.config.mode == "speech" and info.has_audio:  # clips cut between words; no speech: fixed
+            from stages._speech import plan_speech_clips
+
+            cfg = self.config
+            speech = plan_speech_clips(path, cfg.clip_seconds, cfg.min_clip_seconds, cfg.max_clip_seconds)
+            windows = [(s, e, []) for s, e in speech] or windows
         if len(windows) > self.config.max_clips_per_video:
             log.warning(
                 "split %s: %d clips, keeping the first %d (max_clips_per_video)",

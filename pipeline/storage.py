@@ -1,0 +1,157 @@
+"""Local paths and object-store URLs (``s3://``, ``gs://``, any fsspec URL) behind a few functions.
+
+Local paths take the plain ``pathlib`` route. Remote URLs go through fsspec (``s3fs`` for S3,
+honouring ``AWS_ENDPOINT_URL`` and the usual AWS credential variables). Media is decoded from
+local files, so remote media is fetched into a per-process cache (``localize``), and files
+produced on a worker are written locally and then uploaded (``StagingArea.publish``). An upload
+is one object PUT (multipart for large files), which becomes visible only when complete: that
+is what makes remote shard writes atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCRATCH = Path(tempfile.gettempdir()) / "avforge-scratch"
+
+
+def is_remote(uri: str | Path) -> bool:
+    text = str(uri)
+    return "://" in text and not text.startswith("file://")
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)  # type: ignore[no-any-return]
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_remote(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def read_bytes(uri: str) -> bytes:
+    if not is_remote(uri):
+        return Path(uri).read_bytes()
+    fs, path = _fs(uri)
+    return fs.cat_file(path)  # type: ignore[no-any-return]
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file; readers never see a partial one."""
+    if not is_remote(uri):
+        target = Path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return
+    fs, path = _fs(uri)
+    fs.pipe_file(path, data)
+
+
+def put_file(local: Path, uri: str) -> None:
+    """Move a finished local file to ``uri`` (upload for remote, rename for local)."""
+    if not is_remote(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, uri)
+        return
+    fs, path = _fs(uri)
+    fs.put_file(str(local), path)
+
+
+def get_file(uri: str, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.part")
+    if is_remote(uri):
+        fs, path = _fs(uri)
+        fs.get_file(path, str(tmp))
+    else:
+        shutil.copyfile(uri, tmp)
+    os.replace(tmp, local)
+
+
+def exists(uri: str) -> bool:
+    if not is_remote(uri):
+        return Path(uri).exists()
+    fs, path = _fs(uri)
+    return bool(fs.exists(path))
+
+
+def size(uri: str) -> int:
+    if not is_remote(uri):
+        return Path(uri).stat().st_size
+    fs, path = _fs(uri)
+    return int(fs.size(path))
+
+
+def remove(uri: str) -> None:
+    if not is_remote(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def listdir(uri: str, suffix: str = "") -> list[str]:
+    """File URIs directly under ``uri`` whose names end with ``suffix`` (sorted)."""
+    if not is_remote(uri):
+        base = Path(uri)
+        return sorted(str(p) for p in base.glob(f"*{suffix}") if p.is_file()) if base.is_dir() else []
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        return []
+    scheme = str(uri).split("://", 1)[0]
+    names = [p for p in fs.ls(path, detail=False, refresh=True) if p.endswith(suffix)]
+    return sorted(f"{scheme}://{p}" for p in names)
+
+
+def localize(uri: str) -> Path:
+    """A local file with the content of ``uri`` (the path itself when already local)."""
+    if not is_remote(uri):
+        return Path(uri)
+    local = SCRATCH / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri).name
+    if not local.exists():
+        log.debug("fetching %s", uri)
+        get_file(uri, local)
+    return local
+
+
+class StagingArea:
+    """Where workers put intermediate media: a local folder or an object-store prefix.
+
+    ``local(rel)`` is where to write a file; ``publish(rel)`` makes it visible at its staging URI
+    (a no-op for a local staging folder, an upload for a remote one) and returns that URI.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = str(uri)
+        self.remote = is_remote(self.uri)
+        digest = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
+        self.root = SCRATCH / f"staging-{digest}" if self.remote else Path(self.uri)
+
+    def local(self, rel: str) -> Path:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def uri_of(self, rel: str) -> str:
+        return join(self.uri, *rel.split("/")) if self.remote else str(self.root / rel)
+
+    def publish(self, rel: str) -> str:
+        if not self.remote:
+            return str(self.root / rel)
+        target = self.uri_of(rel)
+        put_file(self.root / rel, target)
+        return target
