@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 from PIL import Image
 
 from pipeline.config import ReportConfig
@@ -69,6 +70,7 @@ class RunData:
     """What a run wrote, as the report needs it."""
 
     out_dir: Path
+    staging_dir: Path
     stats: dict[str, Any]
     config_text: str
     kept: pa.Table
@@ -91,8 +93,10 @@ def load_run(out_dir: Path) -> RunData:
         config_text = config_path.read_text()
     else:
         config_text = json.dumps(stats.get("config", {}), indent=2)
+    staging = (yaml.safe_load(config_text) or {}).get("staging_dir") if config_path.exists() else None
     return RunData(
         out_dir=out_dir,
+        staging_dir=Path(staging) if staging else out_dir / "_staging",
         stats=stats,
         config_text=config_text,
         kept=_read_table(out_dir / "index.parquet"),
@@ -404,31 +408,47 @@ def _frame_index(name: str, key: str) -> int | None:
     return int(head) if ext == "jpg" and head.isdigit() else None
 
 
+def _media(key: str, audio: bytes | None, frames: list[tuple[int, bytes]]) -> dict[str, Any]:
+    """{"thumbs": [data URIs of up to THUMBS_PER_CLIP frames], "audio": Opus data URI or None}."""
+    entry: dict[str, Any] = {"thumbs": [], "audio": None}
+    if audio is not None:
+        try:
+            entry["audio"] = opus_data_uri(audio)
+        except (av.error.FFmpegError, ValueError) as exc:
+            log.warning("report: cannot re-encode the audio of %s: %s", key, exc)
+    frames = sorted(frames)
+    picks = sorted({round(x) for x in np.linspace(0, len(frames) - 1, min(len(frames), THUMBS_PER_CLIP))})
+    entry["thumbs"] = [_thumb(frames[i][1]) for i in picks]
+    return entry
+
+
 def read_media(shard: Path, keys: set[str]) -> dict[str, dict[str, Any]]:
     """Thumbnails and audio of ``keys`` from one shard tar: key -> {"thumbs": [...], "audio": uri}."""
-    found: dict[str, dict[str, Any]] = {}
+    audio: dict[str, bytes] = {}
     frames: dict[str, list[tuple[int, bytes]]] = defaultdict(list)
     with tarfile.open(shard, "r:") as tar:
         for member in tar:
             key = member.name.split(".", 1)[0]
             if key not in keys or not member.isfile():
                 continue
-            entry = found.setdefault(key, {"thumbs": [], "audio": None})
             f = tar.extractfile(member)
             if f is None:
                 continue
             if member.name.endswith(".flac"):
-                try:
-                    entry["audio"] = opus_data_uri(f.read())
-                except (av.error.FFmpegError, ValueError) as exc:
-                    log.warning("report: cannot re-encode the audio of %s: %s", key, exc)
+                audio[key] = f.read()
             elif (i := _frame_index(member.name, key)) is not None:
                 frames[key].append((i, f.read()))
-    for key, items in frames.items():
-        items.sort()
-        step = max(1, len(items) // THUMBS_PER_CLIP + (len(items) % THUMBS_PER_CLIP > 0))
-        found[key]["thumbs"] = [_thumb(data) for _, data in items[::step][:THUMBS_PER_CLIP]]
-    return found
+    return {k: _media(k, audio.get(k), frames.get(k, [])) for k in set(audio) | set(frames)}
+
+
+def read_staged_media(staging: Path, video_id: str, key: str) -> dict[str, Any] | None:
+    """Media of a clip still in the staging area (``write.keep_staging``), e.g. a rejected one."""
+    folder = staging / "clips" / video_id
+    flac = folder / f"{key}.flac"
+    frames = [(i, p.read_bytes()) for p in folder.glob(f"{key}.*.jpg") if (i := _frame_index(p.name, key)) is not None]
+    if not frames and not flac.exists():
+        return None
+    return _media(key, flac.read_bytes() if flac.exists() else None, frames)
 
 
 # --------------------------------------------------------------------------- gallery
@@ -469,7 +489,8 @@ def pick_gallery(data: RunData, cfg: ReportConfig) -> list[Card]:
     picks = sorted(rng.sample(range(rejected.num_rows), min(cfg.rejected, rejected.num_rows)))
     if picks:
         for row in rejected.take(pa.array(picks)).to_pylist():
-            cards.append(Card(row, row.get("drop_reason") or "rejected", ["rejected"], None))
+            staged = read_staged_media(data.staging_dir, row["video_id"], row["key"]) if row.get("key") else None
+            cards.append(Card(row, row.get("drop_reason") or "rejected", ["rejected"], staged))
     return cards
 
 
@@ -510,7 +531,8 @@ def render_card(card: Card) -> str:
     if media.get("thumbs"):
         parts.append('<div class="thumbs">' + "".join(f'<img alt="frame" src="{u}">' for u in media["thumbs"]) + "</div>")
     else:
-        parts.append('<div class="nomedia">no media in the report (rejected clips are not written to shards)</div>'
+        parts.append('<div class="nomedia">no media: rejected clips are not written to shards '
+                     '(set write.keep_staging=true to see them here)</div>'
                      if not kept else '<div class="nomedia">no frames</div>')  # fmt: skip
     if media.get("audio"):
         parts.append(f'<audio controls preload="metadata" src="{media["audio"]}"></audio>')

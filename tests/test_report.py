@@ -189,6 +189,7 @@ def test_enriched_report_in_headless_chromium(enriched_run: Path, browser: Brows
           kept: document.querySelectorAll('.card[data-status="kept"]').length,
           rejectedReasons: [...document.querySelectorAll('.card:not([data-status="kept"])')].map(c => c.dataset.status),
           thumbs: [...document.querySelectorAll('.thumbs img')].map(i => i.complete && i.naturalWidth > 0),
+          cardsWithMedia: [...document.querySelectorAll('.card')].filter(c => c.querySelector('.thumbs img') && c.querySelector('audio')).length,
           captionTables: document.querySelectorAll('table.captions tr').length,
           errorRows: document.querySelectorAll('#errors tr').length,
           shown: document.getElementById('shown').textContent,
@@ -201,6 +202,7 @@ def test_enriched_report_in_headless_chromium(enriched_run: Path, browser: Brows
     assert facts["cards"] >= 4 + 1 and facts["kept"] >= 4
     assert set(facts["rejectedReasons"]) == set(stats.rejected.column("drop_reason").to_pylist())
     assert facts["thumbs"] and all(facts["thumbs"])
+    assert facts["cardsWithMedia"] == facts["cards"]  # rejected clips too: the run kept its staging area
     assert ready and all(state >= 1 and not err and duration > 1.0 for state, duration, err in ready), ready
     assert facts["captionTables"] >= 4 * 4  # header + 3 captions per kept card
     assert facts["errorRows"] == 1 + stats.errors.num_rows
