@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import zlib
 from pathlib import Path
@@ -300,10 +299,12 @@ def test_random_access_with_wids(enriched_run: Path) -> None:
     assert clips[3]["key"] == clips.keys[3]
 
 
-def test_huggingface_datasets_webdataset_builder(enriched_run: Path, tmp_path: Path) -> None:
+def test_huggingface_datasets_webdataset_builder(
+    enriched_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local files only; model hubs are unreachable anyway
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     datasets = pytest.importorskip("datasets")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ds = datasets.load_dataset(
         "webdataset", data_files={"train": shard_urls(enriched_run)}, features=hf_features(enriched_run),
         split="train", cache_dir=str(tmp_path / "hf"),
