@@ -1,9 +1,16 @@
 """Map stages onto Ray Data. The only module that imports Ray.
 
 * stateless stages (ffmpeg, yt-dlp, PyAV) run as tasks with bounded concurrency
-  (``TaskPoolStrategy``); neighbouring ones with equal resources fuse;
+  (``TaskPoolStrategy``); neighbouring ones with equal resources fuse into one task
+  (``fuse_stages``), each stage still batching by its own ``batch_size``;
 * stateful (model) stages run as actor pools (``ActorPoolStrategy``) with ``num_gpus``;
-* batches travel as Arrow tables of the ``Clip`` schema; rows carry media URIs, not bytes.
+* batches travel as Arrow tables of the ``Clip`` schema; rows carry media URIs, not bytes;
+* faults: Ray Data reruns a task whose worker process or node died (``max_retries=-1``; input
+  blocks lost with a node are rebuilt from lineage) and restarts a dead actor and resends its
+  batch (``max_restarts=-1``, ``max_task_retries=-1``): its defaults, which tests/test_faults.py
+  relies on. Stages catch their own exceptions (errors are data), so only system failures are
+  retried. The driver's sink writes every key once; a killed driver resumes on rerun;
+* per-stage row and error counters are Ray metrics (``StageMetrics``) for Prometheus.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +41,9 @@ for _k, _v in RAY_ENV.items():
 
 import ray  # noqa: E402
 
+# A fused group of task stages gets enough rows per task for about this many tasks per worker.
+TASKS_PER_WORKER = 4
+
 _READY: dict[int, Stage] = {}
 
 
@@ -46,8 +57,57 @@ def _ready(stage: Stage) -> Stage:
     return cached
 
 
-def _run_task(table: pa.Table, stage: Stage) -> pa.Table:
-    return to_table(apply_stage(_ready(stage), table.to_pylist()))
+class StageMetrics:
+    """avforge's per-stage counters as Ray metrics, exported by each node's metrics agent.
+
+    Prometheus sees them as ``ray_avforge_stage_rows_in_total`` (rows a stage processed),
+    ``ray_avforge_stage_rows_out_total`` (rows it passed on; more than in for a fan-out) and
+    ``ray_avforge_stage_errors_total`` (rows it failed, by ``error_type``), all tagged with ``stage``.
+    Created lazily in each worker process.
+    """
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.rows_in = metrics.Counter("avforge_stage_rows_in", "rows a stage processed", tag_keys=("stage",))
+        self.rows_out = metrics.Counter("avforge_stage_rows_out", "rows a stage passed on", tag_keys=("stage",))
+        self.errors = metrics.Counter("avforge_stage_errors", "rows a stage failed", tag_keys=("stage", "error_type"))
+
+    def record(self, stage: str, rows_in: list[Row], rows_out: list[Row]) -> None:
+        active = sum(1 for r in rows_in if not r.get("error_stage"))
+        if active:
+            self.rows_in.inc(active, tags={"stage": stage})
+        if rows_out:
+            self.rows_out.inc(len(rows_out), tags={"stage": stage})
+        before = Counter(r.get("error_type") for r in rows_in if r.get("error_stage") == stage)
+        after = Counter(r.get("error_type") for r in rows_out if r.get("error_stage") == stage)
+        for error_type, n in (after - before).items():
+            self.errors.inc(n, tags={"stage": stage, "error_type": str(error_type)})
+
+
+_METRICS: list[StageMetrics] = []
+
+
+def stage_metrics() -> StageMetrics:
+    """This process's counters (one set per process: Ray refuses two metrics of one name)."""
+    if not _METRICS:
+        _METRICS.append(StageMetrics())
+    return _METRICS[0]
+
+
+def apply_group(stages: list[Stage], rows: list[Row]) -> list[Row]:
+    """Apply fused stages in order, each on chunks of its own ``batch_size`` (after any fan-out)."""
+    for stage in stages:
+        out: list[Row] = []
+        for i in range(0, len(rows), stage.batch_size):
+            out.extend(apply_stage(stage, rows[i : i + stage.batch_size]))
+        stage_metrics().record(stage.name, rows, out)
+        rows = out
+    return rows
+
+
+def _run_task(table: pa.Table, stages: list[Stage]) -> pa.Table:
+    return to_table(apply_group([_ready(s) for s in stages], table.to_pylist()))
 
 
 class _StageActor:
@@ -58,7 +118,34 @@ class _StageActor:
         stage.setup()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        return to_table(apply_stage(self.stage, table.to_pylist()))
+        return to_table(apply_group([self.stage], table.to_pylist()))
+
+
+def fuse_stages(stages: list[Stage]) -> list[list[Stage]]:
+    """Group neighbouring stateless stages with equal resources: each group runs as one task.
+
+    Fusing here rather than leaving it to Ray Data keeps each stage's ``batch_size`` meaning rows
+    *after* the fan-outs before it: Ray Data fuses ``map_batches`` calls by bundling the input up
+    to the largest batch size, so a 64-row filter after ``split`` would make every task take 64
+    videos, serialising a small job into one task and streaming nothing until it ends.
+    """
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        last = groups[-1] if groups else None
+        if last and not stage.stateful and not last[0].stateful and stage.resources == last[0].resources:
+            last.append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def rows_per_task(group: list[Stage], rows: int, workers: int) -> int:
+    """Input rows per task of a fused group: the first stage's batch size, raised until the job
+    makes about ``TASKS_PER_WORKER`` tasks per worker, but never above the group's largest batch
+    size (Ray's per-task overhead is ~0.1-1 s: one task per short video costs more than it works).
+    """
+    wanted = math.ceil(rows / (TASKS_PER_WORKER * max(1, workers)))
+    return max(group[0].batch_size, min(wanted, max(s.batch_size for s in group)))
 
 
 def init_ray(config: RunConfig) -> None:
@@ -95,26 +182,28 @@ def build_dataset(stages: list[Stage], rows: list[Row], config: RunConfig) -> An
     tables = [to_table(rows[i : i + per_block]) for i in range(0, len(rows), per_block)]
     ds = ray.data.from_arrow(tables)
     cpu_workers = config.ray.workers_per_cpu_stage or max(1, int(_cluster_cpus()))
-    for stage in stages:
-        res = stage.resources
-        if stage.stateful:
+    for group in fuse_stages(stages):
+        first = group[0]
+        res = first.resources
+        if first.stateful:
             ds = ds.map_batches(
                 _StageActor,
-                fn_constructor_kwargs={"stage": stage},
+                fn_constructor_kwargs={"stage": first},
                 compute=ActorPoolStrategy(size=res.pool_size),
                 num_cpus=res.cpus,
                 num_gpus=res.gpus or None,
-                batch_size=stage.batch_size,
+                batch_size=first.batch_size,
                 batch_format="pyarrow",
             )
         else:
             size = res.pool_size if res.pool_size > 1 else cpu_workers
             ds = ds.map_batches(
                 _run_task,
-                fn_kwargs={"stage": stage},
+                fn_kwargs={"stages": group},
                 compute=TaskPoolStrategy(size=size),
                 num_cpus=res.cpus,
-                batch_size=stage.batch_size,
+                num_gpus=res.gpus or None,
+                batch_size=rows_per_task(group, len(rows), size),
                 batch_format="pyarrow",
             )
     return ds

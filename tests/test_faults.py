@@ -1,0 +1,246 @@
+"""Faults on a real multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``).
+
+A head node with no CPUs (it holds the driver's objects) and two worker nodes with 2 logical CPUs
+each. Each test injects one fault while tasks are running on a worker node and checks that the
+job still ends with every input accounted for exactly once and no duplicated or half-written
+shard: a worker process killed, a whole node removed, the driver interrupted and the job rerun.
+(tests/test_resume.py covers driver interrupts without a cluster.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+SETTINGS = [
+    "split.clip_seconds=4", "split.min_clip_seconds=1", "split.max_clip_seconds=6",
+    "extract.frames_per_clip=1", "extract.batch_size=4", "write.max_samples_per_shard=2", "report.enabled=false",
+]  # fmt: skip
+VIDEOS = 24  # inputs: the 3 corpus videos listed 8 times each under distinct ids
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    mib = 2**20
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * mib})
+    for _ in range(2):
+        c.add_node(num_cpus=2, object_store_memory=150 * mib)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _disconnect() -> Iterator[None]:
+    """Each test's driver connects afresh (init_ray skips init when Ray is already up)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def _inputs(corpus_dir: Path, tmp: Path) -> Path:
+    f = tmp / "inputs.csv"
+    rows = [f"{corpus_dir / f'sample_{i % 3:03d}.mp4'},vid{i:02d}" for i in range(VIDEOS)]
+    f.write_text("url,id\n" + "\n".join(rows) + "\n")
+    return f
+
+
+def _config(address: str) -> Any:
+    from pipeline.config import load_config
+
+    return load_config(None, [*SETTINGS, f"ray.address={address}"])
+
+
+def _worker_nodes(cluster: Any) -> list[Any]:
+    return [n for n in cluster.worker_nodes if n.any_processes_alive()]
+
+
+def _busy_workers(node: Any) -> list[psutil.Process]:
+    """Worker processes of ``node`` running a map task now (Ray titles them after the task)."""
+    busy = []
+    for raylet in node.all_processes.get("raylet", []):
+        try:
+            children = psutil.Process(raylet.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        for p in children:
+            try:
+                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::MapBatches"):
+                    busy.append(p)
+            except psutil.Error:
+                continue
+    return busy
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _shards(out: Path) -> int:
+    return len(list((out / "shards").glob("*.tar")))
+
+
+class Fault(threading.Thread):
+    """Wait until shards are being written and a worker node runs a task, then ``inject(node)``."""
+
+    def __init__(self, cluster: Any, out: Path, inject: Callable[[Any, list[psutil.Process]], None]) -> None:
+        super().__init__(daemon=True)
+        self.cluster, self.out, self.inject = cluster, out, inject
+        self.stop = threading.Event()
+        self.fired: dict[str, Any] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if _shards(self.out) >= 1:
+                for node in _worker_nodes(self.cluster):
+                    busy = _busy_workers(node)
+                    if busy:
+                        self.fired = {"shards": _shards(self.out), "busy": [p.pid for p in busy]}
+                        self.inject(node, busy)
+                        return
+            time.sleep(0.02)
+
+
+def _run_with_fault(cluster: Any, inputs: Path, out: Path, inject: Callable[[Any, list[psutil.Process]], None]) -> dict:
+    from pipeline.runner import run_pipeline
+
+    fault = Fault(cluster, out, inject)
+    fault.start()
+    try:
+        run_pipeline(inputs, out, _config(cluster.address), backend="ray")
+    finally:
+        fault.stop.set()
+        fault.join(timeout=30)
+    assert fault.fired, "the run ended before the fault could be injected"
+    return fault.fired
+
+
+def _tar_keys(tar: Path) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = defaultdict(set)
+    with tarfile.open(tar) as t:  # a truncated tar raises here
+        for m in t.getmembers():
+            key, ext = m.name.split(".", 1)
+            members[key].add(ext)
+    return members
+
+
+def _assert_every_input_once(out: Path) -> int:
+    """Every input video complete, each clip once, in exactly one complete shard; returns #shards."""
+    shards = out / "shards"
+    assert not [p.name for p in shards.iterdir() if p.name.startswith(".")], "temporary shard left behind"
+    tars = sorted(p.stem for p in shards.glob("*.tar"))
+    assert tars == sorted(p.stem for p in shards.glob("*.parquet")), "a tar without its sidecar or the reverse"
+    shard_keys: list[str] = []
+    for name in tars:
+        side = pq.read_table(shards / f"{name}.parquet", columns=["key"]).column(0).to_pylist()
+        members = _tar_keys(shards / f"{name}.tar")
+        assert sorted(members) == sorted(side), f"shard {name}: tar and sidecar disagree"
+        for key, exts in members.items():
+            assert {"flac", "0.jpg", "json", "txt"} <= exts, f"{key} is incomplete in shard {name}"
+        shard_keys += side
+    duplicated = [k for k, n in Counter(shard_keys).items() if n > 1]
+    assert not duplicated, f"written twice: {duplicated}"
+
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert errors == []  # good media only: a lost task must not turn into an error row
+    assert sorted(r["key"] for r in index) == sorted(shard_keys)
+    rows = index + rejects
+    assert len({r["key"] for r in rows}) == len(rows)
+    per_video: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        per_video[r["video_id"]].append(r)
+    assert sorted(per_video) == [f"vid{i:02d}" for i in range(VIDEOS)]
+    counts_by_source: dict[str, set[int]] = defaultdict(set)
+    for vid, clips in per_video.items():
+        count = clips[0]["clip_count"]
+        assert sorted(c["key"] for c in clips) == [f"{vid}_{i:04d}" for i in range(count)], vid
+        counts_by_source[clips[0]["source_url"]].add(count)
+    assert all(len(c) == 1 for c in counts_by_source.values())  # same source, same clips
+    return len(tars)
+
+
+@pytest.mark.timeout(180)
+def test_worker_process_killed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path) -> None:
+    killed: list[int] = []
+
+    def kill_worker(node: Any, busy: list[psutil.Process]) -> None:
+        busy[0].send_signal(signal.SIGKILL)
+        killed.append(busy[0].pid)
+
+    out = tmp_path / "out"
+    fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker)
+    assert killed == fired["busy"][:1] and not _alive(killed[0])
+    assert _assert_every_input_once(out) > fired["shards"]  # the job went on after the kill
+    assert len(_worker_nodes(cluster)) == 2  # a dead worker process is not a dead node
+
+
+@pytest.mark.timeout(180)
+def test_node_removed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path) -> None:
+    removed: list[Any] = []
+
+    def remove_node(node: Any, busy: list[psutil.Process]) -> None:
+        cluster.remove_node(node, allow_graceful=False)
+        removed.append(node)
+
+    out = tmp_path / "out"
+    try:
+        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, remove_node)
+        assert removed and len(_worker_nodes(cluster)) == 1
+        assert not any(_alive(pid) for pid in fired["busy"])  # its tasks died with it
+        assert _assert_every_input_once(out) > fired["shards"]
+    finally:
+        if removed:  # back to two worker nodes for the next test
+            cluster.add_node(num_cpus=2, object_store_memory=150 * 2**20)
+            cluster.wait_for_nodes()
+
+
+def _cli(inputs: Path, out: Path, address: str) -> list[str]:
+    sets = [a for s in SETTINGS for a in ("--set", s)]
+    return [sys.executable, "-m", "pipeline.cli", "run", "--input", str(inputs), "--output", str(out),
+            "--address", address, *sets]  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_driver_interrupted_then_rerun(cluster: Any, corpus_dir: Path, tmp_path: Path, sig: int) -> None:
+    inputs, out = _inputs(corpus_dir, tmp_path), tmp_path / "out"
+    cmd = _cli(inputs, out, cluster.address)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 150
+    while proc.poll() is None and time.monotonic() < deadline and _shards(out) < 2:
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.fail("the driver finished before it could be interrupted")
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    partial = _shards(out)
+    assert partial >= 2
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _assert_every_input_once(out) > partial
+    assert "resume:" in rerun.stderr  # it picked up the first run's shards instead of redoing them
