@@ -58,6 +58,7 @@ class OutputStore:
         if self.remote:
             digest = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
             self.root = storage.SCRATCH / f"output-{digest}"
+            shutil.rmtree(self.root, ignore_errors=True)  # a cache: the remote is the truth (see pull)
         else:
             self.root = Path(self.uri).resolve()
             self.uri = str(self.root)

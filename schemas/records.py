@@ -333,7 +333,11 @@ def shard_json(row: dict[str, Any]) -> dict[str, Any]:
         if name in ("error_stage", "error_type", "error") and value is None:
             continue
         doc[name] = value
-    for cap in doc.get("captions") or []:
-        extra = cap.pop("extra_json", None)
-        cap["extra"] = json.loads(extra) if extra else None
+    captions = []
+    for cap in doc.get("captions") or []:  # new dicts: the row itself is not modified
+        fields = {k: v for k, v in cap.items() if k != "extra_json"}
+        extra = cap.get("extra_json")
+        fields["extra"] = json.loads(extra) if extra else None
+        captions.append(fields)
+    doc["captions"] = captions
     return doc
