@@ -115,3 +115,16 @@ def test_shard_json_is_complete(corpus_dir: Path, tmp_path: Path) -> None:
                   "transcript", "audio_tags", "visual_tags", "captions", "scores", "metadata", "schema_version"):
         assert field in meta, field
     assert "audio_uri" not in meta and "local_path" not in meta  # staging paths never leak
+
+
+def test_shards_roll_by_size(corpus_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "l.txt"
+    f.write_text(str(corpus_dir / "sample_000.mp4") + "\n" + str(corpus_dir / "sample_001.mp4") + "\n")
+    out = tmp_path / "o"
+    cfg = load_config(None, ["split.clip_seconds=3", "split.min_clip_seconds=1", "split.max_clip_seconds=4",
+                             "write.max_shard_mb=0.05", "report.enabled=false"])  # fmt: skip
+    summary = run_pipeline(f, out, cfg, backend="sequential")
+    tars = sorted((out / "shards").glob("*.tar"))
+    assert len(tars) == summary.kept > 2  # every sample is over 50 KB: one per shard
+    names = [pq.read_table(t.with_suffix(".parquet"), columns=["shard"]).column(0).to_pylist() for t in tars]
+    assert names == [[t.name] for t in tars]
