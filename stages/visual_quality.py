@@ -75,7 +75,7 @@ def motion_signals(thumbs: list[np.ndarray], cfg: VisualQualityConfig) -> Motion
     """Signals from consecutive greyscale thumbnails; None when there are fewer than two."""
     if len(thumbs) < 2:
         return None
-    diffs = np.array([float(np.abs(a - b).mean()) for a, b in zip(thumbs[:-1], thumbs[1:])])
+    diffs = np.array([float(np.abs(a - b).mean()) for a, b in zip(thumbs[:-1], thumbs[1:], strict=True)])
     cuts = (diffs > cfg.cut_diff) & (diffs > CUT_OVER_MEDIAN * float(np.median(diffs)))
     still = diffs < cfg.still_diff
     moving = diffs[~cuts]

@@ -164,7 +164,9 @@ class VisualTagStage(Stage[VisualTagsConfig]):
         out = []
         with torch.inference_mode():
             for i in range(0, len(images), self.config.frame_batch):
-                pixels = self.processor(images=images[i : i + self.config.frame_batch], return_tensors="pt")["pixel_values"]
+                pixels = self.processor(images=images[i : i + self.config.frame_batch], return_tensors="pt")[
+                    "pixel_values"
+                ]
                 pixels = pixels.to(self.device, self.dtype, non_blocking=True)
                 out.append(_normalise(_features(self.model.get_image_features(pixel_values=pixels)).float()).cpu())
         return torch.cat(out).numpy()
@@ -181,7 +183,11 @@ class VisualTagStage(Stage[VisualTagsConfig]):
         out = []
         for vals, idxs in zip(values.tolist(), indices.tolist(), strict=True):
             out.append(
-                [{"label": self.labels[j], "score": v} for v, j in zip(vals, idxs, strict=True) if v >= self.config.min_score]
+                [
+                    {"label": self.labels[j], "score": v}
+                    for v, j in zip(vals, idxs, strict=True)
+                    if v >= self.config.min_score
+                ]
             )
         return out
 
@@ -227,7 +233,14 @@ def save_tiny_clip(folder: Path, *, kind: str = "clip", image_size: int = 32, se
     """
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        PreTrainedTokenizerFast,
+        SiglipConfig,
+        SiglipModel,
+    )
 
     words = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # EOS id 3: CLIP pools at the first EOS (id 2 means a legacy rule)
     for line in load_labels(None) + ["a photo of", "a video frame showing", "a blurry photo of", "a close-up photo of"]:
@@ -245,7 +258,14 @@ def save_tiny_clip(folder: Path, *, kind: str = "clip", image_size: int = 32, se
         vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=16, pad_token_id=0, eos_token_id=3, bos_token_id=2,
     )  # fmt: skip
-    vis = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=image_size, patch_size=8)
+    vis = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+    )
     vis.update(vision)
     torch.manual_seed(seed)
     if kind == "clip":
@@ -258,5 +278,7 @@ def save_tiny_clip(folder: Path, *, kind: str = "clip", image_size: int = 32, se
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
     return folder

@@ -30,7 +30,10 @@ def blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     root = tmp_path_factory.mktemp("vc")
-    videos = {f"c{i}": synth_video(root / f"c{i}.mp4", duration=2.0, n_scenes=1, audio=False, seed=10 + i).path for i in range(3)}
+    videos = {
+        f"c{i}": synth_video(root / f"c{i}.mp4", duration=2.0, n_scenes=1, audio=False, seed=10 + i).path
+        for i in range(3)
+    }
     return extract_rows(videos, root / "staging", frames=5, end=2.0)
 
 
@@ -50,7 +53,13 @@ def test_blip_caption_is_appended_with_provenance(blip: Path, clips: list[dict[s
     assert cap["kind"] == "visual" and cap["model"] == str(blip) and cap["prompt_id"] == "blip_prefix_v1"
     assert cap["text"].startswith("a video of") and len(cap["text"]) > len("a video of")
     extra = json.loads(cap["extra_json"])
-    assert extra == {"backend": "transformers", "frames": 1, "text_prompt": "a video of", "max_new_tokens": 8, "num_beams": 1}
+    assert extra == {
+        "backend": "transformers",
+        "frames": 1,
+        "text_prompt": "a video of",
+        "max_new_tokens": 8,
+        "num_beams": 1,
+    }
 
 
 def test_blip_is_deterministic_and_captions_the_middle_frame(blip: Path, clips: list[dict[str, Any]]) -> None:

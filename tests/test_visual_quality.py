@@ -34,19 +34,24 @@ def _still(out: Path, source: str) -> Path:
     return out
 
 
+def make_slideshow(root: Path) -> Path:
+    """Three still pictures, 2 s each, joined by hard cuts at 2 s and 4 s."""
+    root.mkdir(parents=True, exist_ok=True)
+    inputs: list[str] = []
+    for name, source in (("a", "testsrc2"), ("b", "smptebars"), ("c", "mandelbrot")):
+        inputs += ["-loop", "1", "-framerate", "25", "-t", "2", "-i", str(_still(root / f"{name}.png", source))]
+    graph = "[0:v][1:v][2:v]concat=n=3:v=1:a=0[v]"
+    return _ffmpeg(root / "slideshow.mp4", *inputs, "-filter_complex", graph, "-map", "[v]")
+
+
 def make_videos(root: Path) -> dict[str, Path]:
     """Silent 6 s videos of known kinds: black, frozen, slideshow, blurry, grey, moving (several)."""
-    root.mkdir(parents=True, exist_ok=True)
-    a = _still(root / "a.png", "testsrc2")
-    b = _still(root / "b.png", "smptebars")
-    c = _still(root / "c.png", "mandelbrot")
+    slideshow = make_slideshow(root)
     lavfi = "testsrc2=s=320x240:r=25"
-    loop = ["-loop", "1", "-framerate", "25", "-t", "2"]
     return {
         "black": _ffmpeg(root / "black.mp4", "-f", "lavfi", "-i", "color=black:s=320x240:r=25"),
-        "frozen": _ffmpeg(root / "frozen.mp4", "-loop", "1", "-framerate", "25", "-i", str(a)),
-        "slideshow": _ffmpeg(root / "slideshow.mp4", *loop, "-i", str(a), *loop, "-i", str(b), *loop, "-i", str(c),
-                             "-filter_complex", "[0:v][1:v][2:v]concat=n=3:v=1:a=0[v]", "-map", "[v]"),  # fmt: skip
+        "frozen": _ffmpeg(root / "frozen.mp4", "-loop", "1", "-framerate", "25", "-i", str(root / "a.png")),
+        "slideshow": slideshow,
         "blurry": _ffmpeg(root / "blurry.mp4", "-f", "lavfi", "-i", lavfi, "-vf", "gblur=sigma=6"),
         "grey": _ffmpeg(root / "grey.mp4", "-f", "lavfi", "-i", lavfi, "-vf", "hue=s=0"),
         "moving": _ffmpeg(root / "moving.mp4", "-f", "lavfi", "-i", lavfi),
@@ -55,7 +60,9 @@ def make_videos(root: Path) -> dict[str, Path]:
     }
 
 
-def extract_rows(videos: dict[str, Path], staging: Path, frames: int = 4, start: float = 0.0, end: float = SECONDS) -> list[dict[str, Any]]:
+def extract_rows(
+    videos: dict[str, Path], staging: Path, frames: int = 4, start: float = 0.0, end: float = SECONDS
+) -> list[dict[str, Any]]:
     """Rows as the pipeline has them after extract: frames on disk, cheap signals filled in."""
     rows = [
         {"video_id": name, "key": f"{name}_0000", "source_url": str(p), "input_index": i, "local_path": str(p),

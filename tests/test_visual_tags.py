@@ -62,7 +62,9 @@ def test_embedding_shape_and_mean_pooling(clip_stage: VisualTagStage, clips: lis
     np.testing.assert_allclose(single["visual_embedding"], one["visual_embedding"], atol=1e-6)
 
 
-def test_top_k_tags_are_ordered_and_match_the_full_softmax(clip_stage: VisualTagStage, clips: list[dict[str, Any]]) -> None:
+def test_top_k_tags_are_ordered_and_match_the_full_softmax(
+    clip_stage: VisualTagStage, clips: list[dict[str, Any]]
+) -> None:
     (res,) = clip_stage.process_batch([clips[1]])
     tags = res["visual_tags"]
     assert len(tags) == 5
@@ -90,7 +92,9 @@ def test_prompt_ensembling(clip_stage: VisualTagStage) -> None:
     assert clip_stage.label_embeddings.shape == (len(clip_stage.labels), 16)
 
 
-def test_deterministic_and_batch_independent(models: dict[str, Path], clip_stage: VisualTagStage, clips: list[dict[str, Any]]) -> None:
+def test_deterministic_and_batch_independent(
+    models: dict[str, Path], clip_stage: VisualTagStage, clips: list[dict[str, Any]]
+) -> None:
     batch = clip_stage.process_batch(clips)
     again = _stage(models["clip"], top_k=5).process_batch(clips)  # a fresh worker
     alone = [clip_stage.process_batch([c])[0] for c in clips]
@@ -117,7 +121,9 @@ def test_siglip_scores_are_independent_sigmoids(models: dict[str, Path], clips: 
     assert len(res["visual_embedding"]) == 32  # SigLIP embeds at the tower's hidden size
 
 
-def test_label_file_min_score_and_max_frames(models: dict[str, Path], clips: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_label_file_min_score_and_max_frames(
+    models: dict[str, Path], clips: list[dict[str, Any]], tmp_path: Path
+) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("# my vocabulary\na dog\n\na cat\na car\n")
     stage = _stage(models["clip"], labels_file=labels, top_k=10, max_frames=2)

@@ -112,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                 _say("visual_tags: FAIL fp16 embeddings disagree with fp32")
 
         # ---- visual_caption
-        cap = VisualCaptionStage(VisualCaptionConfig(model=str(blip_dir), device="auto", fp16=True, batch_size=args.clips,
-                                                     text_prompt="a video of", max_new_tokens=12))  # fmt: skip
+        cap_cfg = VisualCaptionConfig(
+            model=str(blip_dir), device="auto", fp16=True, batch_size=args.clips, text_prompt="a video of",
+            max_new_tokens=12,
+        )  # fmt: skip
+        cap = VisualCaptionStage(cap_cfg)
         _, setup_s = _timed(cap.setup)
         p = next(cap.model.parameters())
         _say(f"visual_caption: weights on {p.device}, dtype {p.dtype}; setup {setup_s:.2f} s")
@@ -135,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             res, first_s = _timed(te.process_batch, texts)
             steady = [_timed(te.process_batch, texts)[1] for _ in range(args.repeats)]
             p = next(te.model.parameters())
+            dim = len(res[0]["text_embedding"])
             _say(f"text_embed: weights on {p.device}, dtype {p.dtype}; setup {setup_s:.2f} s; 64 texts: first "
-                 f"{first_s * 1000:.1f} ms, steady {np.median(steady) * 1000:.1f} ms; dim {len(res[0]['text_embedding'])}")  # fmt: skip
+                 f"{first_s * 1000:.1f} ms, steady {np.median(steady) * 1000:.1f} ms; dim {dim}")  # fmt: skip
         except ImportError as exc:
             _say(f"text_embed: skipped ({exc})")
 

@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     stage.model.get_image_features(pixel_values=pixels)
 
         pixels_all = [
-            stage.processor(images=[load_image(u) for c in b for u in c["frame_uris"]], return_tensors="pt")["pixel_values"]
+            stage.processor(images=[load_image(u) for c in b for u in c["frame_uris"]], return_tensors="pt")[
+                "pixel_values"
+            ]
             for b in batches
         ]
 
@@ -122,7 +124,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 stage.processor(images=[load_image(u) for c in b for u in c["frame_uris"]], return_tensors="pt")
 
         through_stage()  # warm-up (allocator, thread pools)
-        times: dict[str, list[float]] = {"stage": [], "direct": [], "model_only": [], "decode": [], "decode+preprocess": []}
+        times: dict[str, list[float]] = {
+            "stage": [],
+            "direct": [],
+            "model_only": [],
+            "decode": [],
+            "decode+preprocess": [],
+        }
         fns = {"stage": through_stage, "direct": direct, "model_only": model_only, "decode": decode_only,
                "decode+preprocess": preprocess_only}  # fmt: skip
         for _ in range(args.repeats):
