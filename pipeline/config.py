@@ -278,6 +278,12 @@ class VisualCaptionConfig(ModelWorkerConfig):
     prompt_id: str = Field("visual_v1", description="stored with each caption; change it when the prompt changes")
     vlm_frames: int = Field(4, ge=1, le=32, description="backend=llm: frames per clip sent as images (evenly spaced)")
 
+    @model_validator(mode="after")
+    def _vision_backend(self) -> VisualCaptionConfig:
+        if self.backend == "llm" and self.llm.backend == "llama_cpp":
+            raise ValueError("visual_caption.backend=llm needs a VLM: set visual_caption.llm.backend to openai or vllm")
+        return self
+
 
 class VisualQualityConfig(Section):
     """Model-free visual quality signals and the Open-NSFW safety score (stages/visual_quality.py).

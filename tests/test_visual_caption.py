@@ -171,3 +171,13 @@ def test_vlm_failure_is_a_row_error(vlm_server: str, clips: list[dict[str, Any]]
     finally:
         stage.teardown()
     assert isinstance(res, StageError) and res.error_type == "llm_failed" and "500" in str(res)
+
+
+def test_vlm_backend_must_see_images() -> None:
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a VLM"):
+        load_config(None, ["visual_caption.backend=llm"])  # llama_cpp (SmolLM2) is text-only
+    cfg = load_config(None, ["visual_caption.backend=llm", "visual_caption.llm.backend=openai"])
+    assert cfg.visual_caption.llm.backend == "openai"
