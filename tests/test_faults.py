@@ -217,6 +217,16 @@ def test_node_removed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path) ->
             cluster.wait_for_nodes()
 
 
+def _finished_shards(out: Path) -> dict[str, tuple[int, int]]:
+    """Complete shards (tar and sidecar) by name, with the tar's inode and modification time."""
+    shards = out / "shards"
+    return {
+        tar.stem: (tar.stat().st_ino, tar.stat().st_mtime_ns)
+        for tar in shards.glob("*.tar")
+        if (shards / f"{tar.stem}.parquet").exists()
+    }
+
+
 def _cli(inputs: Path, out: Path, address: str) -> list[str]:
     sets = [a for s in SETTINGS for a in ("--set", s)]
     return [sys.executable, "-m", "pipeline.cli", "run", "--input", str(inputs), "--output", str(out),
@@ -231,16 +241,92 @@ def test_driver_interrupted_then_rerun(cluster: Any, corpus_dir: Path, tmp_path:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 150
-    while proc.poll() is None and time.monotonic() < deadline and _shards(out) < 2:
+    while proc.poll() is None and time.monotonic() < deadline and len(_finished_shards(out)) < 2:
         time.sleep(0.02)
     if proc.poll() is not None:
         pytest.fail("the driver finished before it could be interrupted")
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
-    partial = _shards(out)
-    assert partial >= 2
+    finished = _finished_shards(out)
+    assert len(finished) >= 2
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert _assert_every_input_once(out) > partial
-    assert "resume:" in rerun.stderr  # it picked up the first run's shards instead of redoing them
+    assert _assert_every_input_once(out) > len(finished)
+    kept = _finished_shards(out)
+    assert {name: kept.get(name) for name in finished} == finished  # resumed: the first run's shards untouched
+
+
+# ---------------------------------------------------------------------- the Ray runner's pieces
+
+
+def _stages(names: list[str], *sets: str) -> list[Any]:
+    from pipeline.config import load_config
+    from pipeline.registry import build_stages
+    from pipeline.stage import StageContext
+
+    return build_stages(load_config(None, [f"stages={names}", *sets]), StageContext())
+
+
+def test_neighbouring_task_stages_fuse_and_keep_their_batch_sizes() -> None:
+    from pipeline.ray_runner import fuse_stages, rows_per_task
+
+    stages = _stages(["download", "split", "extract", "quality", "asr", "fingerprint"], "extract.batch_size=16")
+    groups = [[s.name for s in g] for g in fuse_stages(stages)]
+    # download (0.25 CPU) and the model stage (an actor pool) stay alone; nothing fuses across an actor
+    assert groups == [["download"], ["split", "extract", "quality"], ["asr"], ["fingerprint"]]
+    split_group = fuse_stages(stages)[1]
+    assert rows_per_task(split_group, rows=24, workers=4) == 2  # ~4 tasks per worker: 24 videos, 12 tasks
+    assert rows_per_task(split_group, rows=10, workers=4) == 1  # never below the first stage's batch
+    assert rows_per_task(split_group, rows=1_000_000, workers=4) == 64  # never above the largest (quality)
+    assert rows_per_task(fuse_stages(stages)[0], rows=1_000_000, workers=4) == 1  # download: one video a task
+
+
+def test_stage_metrics_count_rows_and_new_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.util import metrics
+
+    from pipeline.ray_runner import StageMetrics
+
+    seen: list[tuple[str, float, dict[str, str]]] = []
+
+    class FakeCounter:
+        def __init__(self, name: str, description: str = "", tag_keys: tuple[str, ...] = ()) -> None:
+            self.name, self.tag_keys = name, tag_keys
+
+        def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+            assert set(tags or {}) == set(self.tag_keys)
+            seen.append((self.name, value, tags or {}))
+
+    monkeypatch.setattr(metrics, "Counter", FakeCounter)
+    rows_in = [{"key": "a"}, {"key": "b"}, {"key": "c", "error_stage": "download", "error_type": "not_found"}]
+    rows_out = [{"key": "a_0"}, {"key": "a_1"}, {"key": "b", "error_stage": "split", "error_type": "corrupt_media"},
+                rows_in[2]]  # fmt: skip
+    StageMetrics().record("split", rows_in, rows_out)
+    assert seen == [
+        ("avforge_stage_rows_in", 2, {"stage": "split"}),  # the errored row was not processed
+        ("avforge_stage_rows_out", 4, {"stage": "split"}),
+        ("avforge_stage_errors", 1, {"stage": "split", "error_type": "corrupt_media"}),  # not download's error
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_stage_metrics_register_in_a_ray_worker(cluster: Any) -> None:
+    import ray
+
+    ray.init(address=cluster.address)
+
+    @ray.remote(num_cpus=1)
+    def record() -> list[dict[str, Any]]:
+        from pipeline.ray_runner import stage_metrics
+
+        m = stage_metrics()
+        m.record("extract", [{"key": "k"}], [{"key": "k", "error_stage": "extract", "error_type": "corrupt_media"}])
+        assert stage_metrics() is m  # one set per process
+        return [c.info for c in (m.rows_in, m.rows_out, m.errors)]
+
+    infos = ray.get(record.remote(), timeout=90)
+    assert [(i["name"], tuple(i["tag_keys"])) for i in infos] == [
+        ("avforge_stage_rows_in", ("stage",)),
+        ("avforge_stage_rows_out", ("stage",)),
+        ("avforge_stage_errors", ("stage", "error_type")),
+    ]
