@@ -103,6 +103,9 @@ class LLMBackendConfig(Section):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(0, description="sampling seed (None: random)")
+    repetition_penalty: float = Field(
+        1.1, gt=0, description="llama_cpp (repeat_penalty) and vllm only; 1.0 = off. Small models loop without it"
+    )
     max_tokens: int | None = Field(None, ge=1, description="answer token limit; default: the preset's")
     json_mode: Literal["schema", "object_schema", "object", "off"] = Field(
         "schema",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -74,7 +74,7 @@ class JudgeAnswer(Answer):
     """A caption-quality verdict."""
 
     score: int = Field(ge=1, le=5)
-    reasons: list[str] = Field(max_length=5)
+    reasons: list[Annotated[str, Field(max_length=160)]] = Field(max_length=3)
     flags: list[JudgeFlag] = Field(max_length=3)
 
 

@@ -97,6 +97,8 @@ def _response_format(cfg: LLMBackendConfig, schema: dict[str, Any] | None) -> di
         return None
     if cfg.json_mode == "object":
         return {"type": "json_object"}
+    if cfg.json_mode == "object_schema":
+        return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
@@ -133,11 +135,9 @@ class LlamaCppBackend:
 
     def _format(self, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         fmt = _response_format(self.cfg, schema)
-        if fmt is None:
-            return None
-        if fmt["type"] == "json_schema":  # llama-cpp-python: json_object + schema -> grammar
-            return {"type": "json_object", "schema": schema}
-        return fmt
+        if fmt is None or fmt["type"] != "json_schema":
+            return fmt
+        return {"type": "json_object", "schema": schema}  # llama-cpp-python: json_object + schema -> grammar
 
     def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
         return [self._one(r) for r in requests]
@@ -151,6 +151,7 @@ class LlamaCppBackend:
                 temperature=request.temperature,
                 top_p=self.cfg.top_p,
                 seed=self.cfg.seed,
+                repeat_penalty=self.cfg.repetition_penalty,
                 response_format=self._format(request.json_schema),
             )
         except Exception as exc:  # noqa: BLE001 - e.g. prompt longer than the context window
@@ -315,7 +316,7 @@ class VLLMBackend:
         from vllm.sampling_params import StructuredOutputsParams
 
         structured = None
-        if request.json_schema is not None and self.cfg.json_mode == "schema":
+        if request.json_schema is not None and self.cfg.json_mode in ("schema", "object_schema"):
             structured = StructuredOutputsParams(json=request.json_schema)
         elif request.json_schema is not None and self.cfg.json_mode == "object":
             structured = StructuredOutputsParams(json_object=True)
@@ -324,6 +325,7 @@ class VLLMBackend:
             temperature=request.temperature,
             top_p=self.cfg.top_p,
             seed=self.cfg.seed,
+            repetition_penalty=self.cfg.repetition_penalty,
             structured_outputs=structured,
         )
 

@@ -5,6 +5,8 @@ A preset file holds ``name``, ``version``, ``answer`` (an answer shape of ``sche
 ``description``, ``inputs`` (which signals it shows, in order), ``max_tokens``, an ``example``
 answer, and the ``system`` / ``user`` / ``repair`` templates. Templates use ``string.Template``
 placeholders: ``$signals``, ``$missing``, ``$schema``, ``$example`` (and ``$error`` in ``repair``).
+The built-in presets leave ``$example`` out of their prompts: small models copy it verbatim; it
+still documents (and tests) the answer shape.
 
 Untrusted text (titles, descriptions, keywords, transcripts, other models' captions) is data, not
 instructions: each signal is wrapped in its own ``<name>...</name>`` block with any ``<``/``>``

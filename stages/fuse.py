@@ -66,6 +66,7 @@ def provenance(
             "temperature": llm.temperature,
             "top_p": llm.top_p,
             "seed": llm.seed,
+            "repetition_penalty": llm.repetition_penalty if backend.name != "openai" else None,
             "max_tokens": llm.max_tokens or preset.max_tokens,
             "json_mode": llm.json_mode,
         },

@@ -110,7 +110,9 @@ def test_valid_answer_writes_captions_with_provenance(monkeypatch: pytest.Monkey
     extra = extra_of(row)
     assert extra["preset"] == "mmtrail" and extra["preset_version"] == 1
     assert extra["backend"] == "scripted" and extra["model"] == "scripted-model"
-    assert extra["sampling"] == {"temperature": 0.0, "top_p": 1.0, "seed": 0, "max_tokens": 320, "json_mode": "schema"}
+    assert extra["sampling"] == {
+        "temperature": 0.0, "top_p": 1.0, "seed": 0, "repetition_penalty": 1.1, "max_tokens": 320, "json_mode": "schema",
+    }  # fmt: skip
     assert extra["raw_answer"] == GOOD_MMTRAIL and extra["fallback"] is False and extra["failure"] is None
     assert extra["inputs"]["transcript"] == "First boil the water. Then add the pasta."
     assert set(extra["inputs"]) == {"title", "duration", "captions", "visual_tags", "audio_tags", "transcript"}

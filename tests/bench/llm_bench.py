@@ -117,7 +117,9 @@ def llama_server(threads: int) -> Iterator[str]:
 
 def backend_config(args: argparse.Namespace, base_url: str | None) -> LLMBackendConfig:
     if args.backend == "openai":
-        return LLMBackendConfig(backend="openai", model="smollm2", base_url=base_url or "", max_concurrency=1)
+        return LLMBackendConfig(
+            backend="openai", model="smollm2", base_url=base_url or "", max_concurrency=1, json_mode="object_schema"
+        )
     return LLMBackendConfig(backend="llama_cpp", threads=args.threads)
 
 
@@ -234,7 +236,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--preset", default="mmtrail")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (its threads spin: keep <= idle cores)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "tokens", "injection"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
