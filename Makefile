@@ -3,13 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test
-APT_PACKAGES := ffmpeg espeak-ng
+EXTRAS ?= test,llm,visual,loader,dedup,cloud,cluster
+APT_PACKAGES := ffmpeg espeak-ng chromium
+# llama-cpp-python is an sdist: build it with both cores
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system venv demo test bench clean
 
-## system packages (Debian): ffmpeg, espeak-ng
+## system packages (Debian): ffmpeg, espeak-ng, chromium (the report's browser test)
 system:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
