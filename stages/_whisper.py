@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 30.0
 WINDOW_PAD = 0.5  # seconds of context kept around the speech of a window
+MAX_PASSES = 3  # decodes of one window's remainder when Whisper stopped early
+MIN_UNHEARD_SECONDS = 0.5  # VAD speech after the last segment that triggers another pass
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 OFFLINE_MODELS = ("offline:base", "offline:tiny.en")
@@ -438,28 +440,52 @@ def transcribe_audios(
     speech: list[list[Span] | None],
     batch_size: int,
 ) -> list[Transcription]:
-    """Transcribe whole audios of any length; segments and words carry times from each audio start."""
-    plans = [plan_windows(len(a) / SAMPLE_RATE, s) for a, s in zip(audios, speech, strict=True)]
-    flat: list[tuple[int, Span]] = [(i, w) for i, plan in enumerate(plans) for w in plan]
-    results: list[WindowResult] = []
-    for b in range(0, len(flat), batch_size):
-        chunk = flat[b : b + batch_size]
-        pieces = [audios[i][round(s * SAMPLE_RATE) : round(e * SAMPLE_RATE)] for i, (s, e) in chunk]
-        results.extend(engine.transcribe_windows(pieces))
-    merged: list[Transcription] = []
-    k = 0
-    for plan in plans:
-        segments: list[Segment] = []
-        best: tuple[float, str | None, float | None] = (-1.0, None, None)
-        for start, end in plan:
-            res = results[k]
-            k += 1
-            if end - start > best[0]:
-                best = (end - start, res.language, res.language_prob)
-            for seg in res.segments:
-                segments.append(_shift(seg, start))
-        merged.append(Transcription(best[1], best[2], segments, len(plan)))
-    return merged
+    """Transcribe whole audios of any length; segments and words carry times from each audio start.
+
+    A window is decoded in one pass, and Whisper sometimes stops before the window's end (it leaves
+    a last sentence for a next window that a single pass never sees). Where the VAD heard speech
+    after the last segment, the rest of the window is decoded again, up to ``MAX_PASSES`` times.
+    """
+    pending: list[tuple[int, Span]] = [
+        (i, w) for i, (a, s) in enumerate(zip(audios, speech, strict=True)) for w in plan_windows(len(a) / SAMPLE_RATE, s)
+    ]
+    segments: list[list[Segment]] = [[] for _ in audios]
+    best: list[tuple[float, str | None, float | None]] = [(-1.0, None, None) for _ in audios]
+    counts = [0] * len(audios)
+    for _ in range(MAX_PASSES):
+        if not pending:
+            break
+        results: list[WindowResult] = []
+        for b in range(0, len(pending), batch_size):
+            chunk = pending[b : b + batch_size]
+            pieces = [audios[i][round(s * SAMPLE_RATE) : round(e * SAMPLE_RATE)] for i, (s, e) in chunk]
+            results.extend(engine.transcribe_windows(pieces))
+        follow: list[tuple[int, Span]] = []
+        for (i, (start, end)), res in zip(pending, results, strict=True):
+            counts[i] += 1
+            if end - start > best[i][0]:
+                best[i] = (end - start, res.language, res.language_prob)
+            segments[i].extend(_shift(seg, start) for seg in res.segments)
+            rest = _unheard(speech[i], start, end, res.segments)
+            if rest is not None:
+                follow.append((i, (rest, end)))
+        pending = follow
+    return [
+        Transcription(lang, prob, sorted(segs, key=lambda s: s.start), n)
+        for segs, (_, lang, prob), n in zip(segments, best, counts, strict=True)
+    ]
+
+
+def _unheard(speech: list[Span] | None, start: float, end: float, segments: list[Segment]) -> float | None:
+    """Where to decode again: the start of VAD speech left after the window's last segment, if any."""
+    if speech is None or not segments:
+        return None
+    last = start + max(seg.end for seg in segments)
+    rest = [(max(a, last), min(b, end)) for a, b in speech if b > last and a < end]
+    if sum(b - a for a, b in rest) < MIN_UNHEARD_SECONDS:
+        return None
+    again = max(last, rest[0][0] - WINDOW_PAD)
+    return again if again > start + 1.0 else None
 
 
 def _shift(seg: Segment, offset: float) -> Segment:
