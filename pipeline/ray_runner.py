@@ -73,16 +73,21 @@ class StageMetrics:
         self.rows_out = metrics.Counter("avforge_stage_rows_out", "rows a stage passed on", tag_keys=("stage",))
         self.errors = metrics.Counter("avforge_stage_errors", "rows a stage failed", tag_keys=("stage", "error_type"))
 
-    def record(self, stage: str, rows_in: list[Row], rows_out: list[Row]) -> None:
-        active = sum(1 for r in rows_in if not r.get("error_stage"))
+    def record(self, stage: Stage, rows_in: list[Row], rows_out: list[Row]) -> None:
+        """Count one ``apply_stage`` call: rows it processed (not failed or dropped before), rows
+        out, and the errors it added."""
+        name = stage.name
+        active = sum(
+            1 for r in rows_in if not r.get("error_stage") and not (stage.skip_dropped and r.get("drop_reason"))
+        )
         if active:
-            self.rows_in.inc(active, tags={"stage": stage})
+            self.rows_in.inc(active, tags={"stage": name})
         if rows_out:
-            self.rows_out.inc(len(rows_out), tags={"stage": stage})
-        before = Counter(r.get("error_type") for r in rows_in if r.get("error_stage") == stage)
-        after = Counter(r.get("error_type") for r in rows_out if r.get("error_stage") == stage)
+            self.rows_out.inc(len(rows_out), tags={"stage": name})
+        before = Counter(r.get("error_type") for r in rows_in if r.get("error_stage") == name)
+        after = Counter(r.get("error_type") for r in rows_out if r.get("error_stage") == name)
         for error_type, n in (after - before).items():
-            self.errors.inc(n, tags={"stage": stage, "error_type": str(error_type)})
+            self.errors.inc(n, tags={"stage": name, "error_type": str(error_type)})
 
 
 _METRICS: list[StageMetrics] = []
@@ -101,7 +106,7 @@ def apply_group(stages: list[Stage], rows: list[Row]) -> list[Row]:
         out: list[Row] = []
         for i in range(0, len(rows), stage.batch_size):
             out.extend(apply_stage(stage, rows[i : i + stage.batch_size]))
-        stage_metrics().record(stage.name, rows, out)
+        stage_metrics().record(stage, rows, out)
         rows = out
     return rows
 

@@ -298,13 +298,15 @@ def test_stage_metrics_count_rows_and_new_errors(monkeypatch: pytest.MonkeyPatch
             seen.append((self.name, value, tags or {}))
 
     monkeypatch.setattr(metrics, "Counter", FakeCounter)
-    rows_in = [{"key": "a"}, {"key": "b"}, {"key": "c", "error_stage": "download", "error_type": "not_found"}]
+    rows_in = [{"key": "a"}, {"key": "b"}, {"key": "c", "error_stage": "download", "error_type": "not_found"},
+               {"key": "d", "drop_reason": "too_short"}]  # fmt: skip
     rows_out = [{"key": "a_0"}, {"key": "a_1"}, {"key": "b", "error_stage": "split", "error_type": "corrupt_media"},
-                rows_in[2]]  # fmt: skip
-    StageMetrics().record("split", rows_in, rows_out)
+                rows_in[2], rows_in[3]]  # fmt: skip
+    (split,) = _stages(["split"])
+    StageMetrics().record(split, rows_in, rows_out)
     assert seen == [
-        ("avforge_stage_rows_in", 2, {"stage": "split"}),  # the errored row was not processed
-        ("avforge_stage_rows_out", 4, {"stage": "split"}),
+        ("avforge_stage_rows_in", 2, {"stage": "split"}),  # the errored and the dropped row were not processed
+        ("avforge_stage_rows_out", 5, {"stage": "split"}),
         ("avforge_stage_errors", 1, {"stage": "split", "error_type": "corrupt_media"}),  # not download's error
     ]
 
@@ -319,8 +321,12 @@ def test_stage_metrics_register_in_a_ray_worker(cluster: Any) -> None:
     def record() -> list[dict[str, Any]]:
         from pipeline.ray_runner import stage_metrics
 
+        from pipeline.config import ExtractConfig
+        from stages.extract import ExtractStage
+
         m = stage_metrics()
-        m.record("extract", [{"key": "k"}], [{"key": "k", "error_stage": "extract", "error_type": "corrupt_media"}])
+        m.record(ExtractStage(ExtractConfig()), [{"key": "k"}],
+                 [{"key": "k", "error_stage": "extract", "error_type": "corrupt_media"}])  # fmt: skip
         assert stage_metrics() is m  # one set per process
         return [c.info for c in (m.rows_in, m.rows_out, m.errors)]
 
