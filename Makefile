@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,llm,visual,loader,dedup,cloud,cluster
+EXTRAS ?= test,audio,llm,visual,loader,dedup,cloud,cluster
 APT_PACKAGES := ffmpeg espeak-ng chromium
 # llama-cpp-python is an sdist: build it with both cores
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
@@ -23,6 +23,8 @@ system:
 venv:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@# openai-whisper without its triton dependency (~1 GB, unused on CPU); its other deps are in the audio extra
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps openai-whisper==20250625
 
 setup: system venv
 
