@@ -16,8 +16,9 @@ in ``setup()``, for the label vocabulary).
 Frames come from generated videos through the extract stage (JPEG files, 256 px short side), as
 in a run. Between workers only the frame paths travel (a row holds a few hundred bytes of paths,
 not the frames): the JPEG bytes are read once, by the tagging worker, so the frame decode cost is
-paid in the stage and is measured separately here. Timings are the median of ``--repeats``
-interleaved runs (stage, direct, stage, direct ...).
+paid in the stage and is measured separately here. The direct call uses the same forward-pass size
+(``--frame-batch``) as the stage. Timings are the median of ``--repeats`` interleaved runs (stage,
+direct, model only, decode, decode+preprocess; the order rotates each repeat).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log.info("made %d clips in %.1f s", len(clips), time.perf_counter() - t0)
         vision = VITB32 if args.model == "vitb32" else {}
         model_dir = save_tiny_clip(root / "model", image_size=224 if args.model == "vitb32" else 32, **vision)
-        stage = VisualTagStage(VisualTagsConfig(model=str(model_dir), batch_size=args.batch, device="cpu"))
+        cfg = VisualTagsConfig(model=str(model_dir), batch_size=args.batch, frame_batch=args.frame_batch, device="cpu")
+        stage = VisualTagStage(cfg)
         stage.setup()
         n_frames = sum(len(c["frame_uris"]) for c in clips)
         batches = _batches(clips, args.batch)
@@ -89,24 +91,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for b in batches:
                 stage.process_batch(b)
 
+        fb = args.frame_batch
+
         def direct() -> None:  # what a user would write: open the JPEGs, preprocess, image tower
+            from PIL import Image
+
             with torch.inference_mode():
                 for b in batches:
-                    from PIL import Image
-
                     images = []
                     for c in b:
                         for u in c["frame_uris"]:
                             with Image.open(u) as im:
                                 images.append(im.convert("RGB"))
-                    pixels = stage.processor(images=images, return_tensors="pt")["pixel_values"]
-                    stage.model.get_image_features(pixel_values=pixels)
+                    for i in range(0, len(images), fb):
+                        pixels = stage.processor(images=images[i : i + fb], return_tensors="pt")["pixel_values"]
+                        stage.model.get_image_features(pixel_values=pixels)
 
+        frames_all = [load_image(u) for c in clips for u in c["frame_uris"]]
         pixels_all = [
-            stage.processor(images=[load_image(u) for c in b for u in c["frame_uris"]], return_tensors="pt")[
-                "pixel_values"
-            ]
-            for b in batches
+            stage.processor(images=frames_all[i : i + fb], return_tensors="pt")["pixel_values"]
+            for i in range(0, len(frames_all), fb)
         ]
 
         def model_only() -> None:
@@ -133,8 +137,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         fns = {"stage": through_stage, "direct": direct, "model_only": model_only, "decode": decode_only,
                "decode+preprocess": preprocess_only}  # fmt: skip
-        for _ in range(args.repeats):
-            for name, fn in fns.items():
+        order = list(fns)
+        for r in range(args.repeats):
+            for name in order[r % len(order) :] + order[: r % len(order)]:  # rotate: no fixed position bias
+                fn = fns[name]
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
@@ -160,6 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "clips": len(clips),
             "frames": n_frames,
             "batch_clips": args.batch,
+            "frame_batch": args.frame_batch,
             "torch_threads": torch.get_num_threads(),
             "frames_per_s": {k: round(n_frames / v, 1) for k, v in med.items()},
             "ms_per_frame": {k: round(1000 * v / n_frames, 2) for k, v in med.items()},
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=24)
     parser.add_argument("--frames", type=int, default=8, help="frames per clip")
     parser.add_argument("--batch", type=int, default=16, help="clips per batch")
+    parser.add_argument("--frame-batch", type=int, default=64, help="frames per forward pass (stage and direct alike)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
