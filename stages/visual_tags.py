@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -134,9 +136,15 @@ class VisualTagStage(Stage[VisualTagsConfig]):
         self.logit_bias = float(bias.detach().float().reshape(-1)[0]) if bias is not None else 0.0
         self.labels = load_labels(c.labels_file)
         self.label_embeddings = self._label_embeddings(self.labels, c.prompt_templates)
+        # JPEG decode and preprocessing (PIL releases the GIL) run on the worker's CPUs, ahead of
+        # the model: while the accelerator embeds one chunk, the next ones are being prepared.
+        self.threads = max(1, round(c.num_cpus))
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="visual-tags-prep")
 
     def teardown(self) -> None:
-        for attr in ("model", "label_embeddings"):
+        if hasattr(self, "pool"):
+            self.pool.shutdown(wait=True)
+        for attr in ("model", "label_embeddings", "pool"):
             if hasattr(self, attr):
                 delattr(self, attr)
 
@@ -157,17 +165,29 @@ class VisualTagStage(Stage[VisualTagsConfig]):
         per_prompt = torch.cat(chunks).reshape(len(labels), len(templates), -1)
         return _normalise(per_prompt.mean(dim=1))
 
+    def _pixels(self, images: list[Image.Image]) -> Any:
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
     def image_embeddings(self, images: list[Image.Image]) -> np.ndarray:
-        """(frames, dim) float32 L2-normalised embeddings, ``frame_batch`` frames per forward pass."""
+        """(frames, dim) float32 L2-normalised embeddings, about ``frame_batch`` frames per forward pass.
+
+        Preprocessing runs on the thread pool in slices (one per worker CPU per forward pass), all
+        submitted up front, so it overlaps the model and uses every CPU of the worker.
+        """
         import torch
 
+        fb = self.config.frame_batch
+        step = max(1, math.ceil(fb / self.threads))
+        futures = [self.pool.submit(self._pixels, images[i : i + step]) for i in range(0, len(images), step)]
         out = []
+        pending: list[Any] = []
         with torch.inference_mode():
-            for i in range(0, len(images), self.config.frame_batch):
-                pixels = self.processor(images=images[i : i + self.config.frame_batch], return_tensors="pt")[
-                    "pixel_values"
-                ]
-                pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+            for n, future in enumerate(futures):
+                pending.append(future.result())
+                if sum(len(p) for p in pending) < fb and n < len(futures) - 1:
+                    continue
+                pixels = torch.cat(pending).to(self.device, self.dtype, non_blocking=True)
+                pending = []
                 out.append(_normalise(_features(self.model.get_image_features(pixel_values=pixels)).float()).cpu())
         return torch.cat(out).numpy()
 
@@ -203,7 +223,7 @@ class VisualTagStage(Stage[VisualTagsConfig]):
                 results[i] = StageError("clip has no frames (extract.frames_per_clip is 0 or no video)", "no_frames")
                 continue
             try:
-                loaded = [load_image(u) for u in uris]
+                loaded = list(self.pool.map(load_image, uris))
             except StageError as exc:
                 results[i] = exc
                 continue
