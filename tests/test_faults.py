@@ -19,17 +19,52 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
+
+from pipeline.config import QualityConfig
+from pipeline.stage import Resources, Row, Stage
 
 SETTINGS = [
     "split.clip_seconds=4", "split.min_clip_seconds=1", "split.max_clip_seconds=6",
     "extract.frames_per_clip=1", "extract.batch_size=4", "write.max_samples_per_shard=2", "report.enabled=false",
 ]  # fmt: skip
 VIDEOS = 24  # inputs: the 3 corpus videos listed 8 times each under distinct ids
+
+
+class ProbeModel(Stage[QualityConfig]):
+    """A stand-in model stage: stateful, so it runs as a Ray Data actor pool (two actors).
+
+    It scores each clip with the pid of the actor that saw it, so a test can tell the pool served
+    every row, across an actor restart.
+    """
+
+    name: ClassVar[str] = "probe_model"
+    writes: ClassVar[tuple[str, ...]] = ("scores",)
+    stateful: ClassVar[bool] = True
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=0.5, pool_size=2)
+
+    @property
+    def batch_size(self) -> int:
+        return 2
+
+    def process_batch(self, rows: list[Row]) -> list[Any]:
+        time.sleep(0.3)  # a model's forward pass: long enough to be killed in the middle of one
+        return [{"scores": [*r.get("scores", []), {"name": "probe_pid", "value": float(os.getpid())}]} for r in rows]
+
+
+@pytest.fixture
+def probe_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``probe_model`` a stage name (the driver builds stages; workers unpickle this class)."""
+    from pipeline import registry
+
+    monkeypatch.setitem(registry.STAGES, "probe_model", (f"{__name__}:ProbeModel", "quality"))
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +98,19 @@ def _inputs(corpus_dir: Path, tmp: Path) -> Path:
     return f
 
 
-def _config(address: str) -> Any:
+def _config(address: str, *extra: str) -> Any:
     from pipeline.config import load_config
 
-    return load_config(None, [*SETTINGS, f"ray.address={address}"])
+    return load_config(None, [*SETTINGS, f"ray.address={address}", *extra])
 
 
 def _worker_nodes(cluster: Any) -> list[Any]:
     return [n for n in cluster.worker_nodes if n.any_processes_alive()]
 
 
-def _busy_workers(node: Any) -> list[psutil.Process]:
-    """Worker processes of ``node`` running a map task now (Ray titles them after the task)."""
+def _busy_workers(node: Any, title: str = "ray::MapBatches") -> list[psutil.Process]:
+    """Worker processes of ``node`` running a map task now (Ray titles them after the task):
+    ``ray::MapBatches(...)`` for a task, ``ray::MapWorker(...).submit`` for an actor's batch."""
     busy = []
     for raylet in node.all_processes.get("raylet", []):
         try:
@@ -83,7 +119,7 @@ def _busy_workers(node: Any) -> list[psutil.Process]:
             continue
         for p in children:
             try:
-                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::MapBatches"):
+                if p.cmdline()[:1] and p.cmdline()[0].startswith(title):
                     busy.append(p)
             except psutil.Error:
                 continue
@@ -104,9 +140,11 @@ def _shards(out: Path) -> int:
 class Fault(threading.Thread):
     """Wait until shards are being written and a worker node runs a task, then ``inject(node)``."""
 
-    def __init__(self, cluster: Any, out: Path, inject: Callable[[Any, list[psutil.Process]], None]) -> None:
+    def __init__(
+        self, cluster: Any, out: Path, inject: Callable[[Any, list[psutil.Process]], None], title: str = "ray::MapBatches"
+    ) -> None:
         super().__init__(daemon=True)
-        self.cluster, self.out, self.inject = cluster, out, inject
+        self.cluster, self.out, self.inject, self.title = cluster, out, inject, title
         self.stop = threading.Event()
         self.fired: dict[str, Any] = {}
 
@@ -114,7 +152,7 @@ class Fault(threading.Thread):
         while not self.stop.is_set():
             if _shards(self.out) >= 1:
                 for node in _worker_nodes(self.cluster):
-                    busy = _busy_workers(node)
+                    busy = _busy_workers(node, self.title)
                     if busy:
                         self.fired = {"shards": _shards(self.out), "busy": [p.pid for p in busy]}
                         self.inject(node, busy)
@@ -122,13 +160,20 @@ class Fault(threading.Thread):
             time.sleep(0.02)
 
 
-def _run_with_fault(cluster: Any, inputs: Path, out: Path, inject: Callable[[Any, list[psutil.Process]], None]) -> dict:
+def _run_with_fault(
+    cluster: Any,
+    inputs: Path,
+    out: Path,
+    inject: Callable[[Any, list[psutil.Process]], None],
+    title: str = "ray::MapBatches",
+    settings: tuple[str, ...] = (),
+) -> dict:
     from pipeline.runner import run_pipeline
 
-    fault = Fault(cluster, out, inject)
+    fault = Fault(cluster, out, inject, title)
     fault.start()
     try:
-        run_pipeline(inputs, out, _config(cluster.address), backend="ray")
+        run_pipeline(inputs, out, _config(cluster.address, *settings), backend="ray")
     finally:
         fault.stop.set()
         fault.join(timeout=30)
@@ -183,7 +228,11 @@ def _assert_every_input_once(out: Path) -> int:
 
 
 @pytest.mark.timeout(180)
-def test_worker_process_killed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["task", "actor"])
+def test_worker_process_killed_mid_run(
+    cluster: Any, corpus_dir: Path, tmp_path: Path, target: str, probe_model: None
+) -> None:
+    """SIGKILL a worker process while it runs a CPU stage's task, or a model stage's actor mid-batch."""
     killed: list[int] = []
 
     def kill_worker(node: Any, busy: list[psutil.Process]) -> None:
@@ -191,10 +240,18 @@ def test_worker_process_killed_mid_run(cluster: Any, corpus_dir: Path, tmp_path:
         killed.append(busy[0].pid)
 
     out = tmp_path / "out"
-    fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker)
+    if target == "task":
+        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker)
+    else:
+        stages = "stages=[download, split, extract, quality, probe_model]"
+        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker,
+                                title="ray::MapWorker(MapBatches(_StageActor)).submit", settings=(stages,))  # fmt: skip
     assert killed == fired["busy"][:1] and not _alive(killed[0])
     assert _assert_every_input_once(out) > fired["shards"]  # the job went on after the kill
     assert len(_worker_nodes(cluster)) == 2  # a dead worker process is not a dead node
+    if target == "actor":  # every kept clip went through the model pool exactly once, its batch resent
+        index = pq.read_table(out / "index.parquet").to_pylist()
+        assert all(sum(s["name"] == "probe_pid" for s in r["scores"]) == 1 for r in index)
 
 
 @pytest.mark.timeout(180)
@@ -250,7 +307,7 @@ def test_driver_interrupted_then_rerun(cluster: Any, corpus_dir: Path, tmp_path:
     finished = _finished_shards(out)
     assert len(finished) >= 2
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    rerun = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=150)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _assert_every_input_once(out) > len(finished)
     kept = _finished_shards(out)
@@ -319,9 +376,8 @@ def test_stage_metrics_register_in_a_ray_worker(cluster: Any) -> None:
 
     @ray.remote(num_cpus=1)
     def record() -> list[dict[str, Any]]:
-        from pipeline.ray_runner import stage_metrics
-
         from pipeline.config import ExtractConfig
+        from pipeline.ray_runner import stage_metrics
         from stages.extract import ExtractStage
 
         m = stage_metrics()

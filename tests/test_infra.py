@@ -316,7 +316,7 @@ SHIM_NODE="$node" exec "$@"
 """)  # fmt: skip
     _stub(bindir, "hostname", 'case "$SHIM_NODE" in gpu-a) echo "10.1.0.1 fe80::1";; *) echo 10.1.0.9;; esac\n')
     _stub(bindir, "ray", f'echo "ray $*" >> {log}\n')
-    _stub(bindir, "python", 'echo 3\n')  # three nodes alive
+    _stub(bindir, "python", f'grep -c "^ray start" {log} || true\n')  # nodes alive: the ray starts so far
     _stub(bindir, "avforge", f'printf "avforge" >> {log}; for a in "$@"; do printf " [%s]" "$a" >> {log}; done; echo >> {log}\n')
     tricky = tmp_path / "in put $(touch pwned).csv"  # input names are data, never shell code
     env = {
@@ -329,7 +329,7 @@ SHIM_NODE="$node" exec "$@"
         "AVFORGE_OUTPUT": "/shared/out",
         "AVFORGE_CONFIG": "/shared/job.yaml",
     }
-    done = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=50)
+    done = subprocess.run(["bash", str(SBATCH)], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
     calls = log.read_text().splitlines()
     head = [c for c in calls if c.startswith("srun gpu-a ray start --head")]
@@ -339,8 +339,9 @@ SHIM_NODE="$node" exec "$@"
     workers = [c for c in calls if " ray start --address=10.1.0.1:6379" in c]
     assert sorted(c.split()[1] for c in workers) == ["gpu-b", "gpu-c"]
     driver = [c for c in calls if c.startswith("avforge")]
-    assert driver == [f"avforge [run] [--input] [{tricky}] [--output] [/shared/out] [--address] [10.1.0.1:6379] "
-                      "[--config] [/shared/job.yaml]"]  # fmt: skip
+    expected = (f"avforge [run] [--input] [{tricky}] [--output] [/shared/out] [--address] [10.1.0.1:6379] "
+                "[--config] [/shared/job.yaml]")  # fmt: skip
+    assert driver == [expected]
     order = [calls.index(head[0]), *(calls.index(w) for w in workers), calls.index(driver[0])]
     assert order == sorted(order) and order[0] < min(order[1:-1])
     assert "ray stop --force" in calls[-1]  # the cluster is stopped when the job ends
@@ -349,7 +350,7 @@ SHIM_NODE="$node" exec "$@"
 
 def test_sbatch_refuses_to_start_without_input(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "AVFORGE_OUTPUT": "/shared/out"}
-    done = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["bash", str(SBATCH)], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0 and "AVFORGE_INPUT" in done.stderr
 
 
