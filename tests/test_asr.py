@@ -23,7 +23,7 @@ from pipeline.samples import synth_speech_wav, synth_video
 from schemas.records import Segment
 from stages._hallucination import judge, longest_repeat, normalize
 from stages._vad import SileroVad, load_audio
-from stages._whisper import plan_windows
+from stages._whisper import encoded_subset, plan_windows
 from stages.asr import AsrStage
 from stages.extract import write_flac
 
@@ -308,3 +308,14 @@ def test_pipeline_writes_transcripts_and_tags(corpus_dir: Path, tmp_path: Path) 
         assert any(t["label"] == "Speech" for r in rows for t in r["audio_tags"])
     measured = wer(refs, hyps)
     assert measured <= 0.3, (measured, hyps)  # measured 0.10 (3 of 29 words; 2 are digits for "seven", "six")
+
+
+def test_encoded_subset_matches_encoding_alone(media: dict[str, Path]) -> None:
+    from faster_whisper.audio import pad_or_trim
+
+    stage = AsrStage(AsrConfig(model="offline:tiny.en", vad=False))
+    stage.setup()
+    m = stage.engine.model  # type: ignore[union-attr]
+    feats = np.stack([pad_or_trim(m.feature_extractor(load_audio(media[n]))[..., :-1]) for n in ("s0", "s1", "s2")])
+    sliced = np.asarray(encoded_subset(m.encode(feats), [0, 2], 3, m))
+    assert np.abs(sliced - np.asarray(m.encode(feats[[0, 2]]))).max() < 1e-3
