@@ -164,6 +164,7 @@ def init_ray(config: RunConfig) -> None:
     num_cpus = cfg.num_cpus or os.cpu_count() or 1
     log.info("starting Ray in-process with %d CPUs", num_cpus)
     ray.init(
+        address="local",  # a new in-process instance, even if another Ray runs on this machine
         num_cpus=num_cpus,
         object_store_memory=cfg.object_store_mb * 1024 * 1024,
         include_dashboard=False,
