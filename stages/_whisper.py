@@ -449,7 +449,9 @@ def transcribe_audios(
     after the last segment, the rest of the window is decoded again, up to ``MAX_PASSES`` times.
     """
     pending: list[tuple[int, Span]] = [
-        (i, w) for i, (a, s) in enumerate(zip(audios, speech, strict=True)) for w in plan_windows(len(a) / SAMPLE_RATE, s)
+        (i, w)
+        for i, (a, s) in enumerate(zip(audios, speech, strict=True))
+        for w in plan_windows(len(a) / SAMPLE_RATE, s)
     ]
     segments: list[list[Segment]] = [[] for _ in audios]
     best: list[tuple[float, str | None, float | None]] = [(-1.0, None, None) for _ in audios]

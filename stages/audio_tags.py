@@ -18,6 +18,7 @@ Tags below ``min_score`` are left out; at most ``top_k`` are kept, best first.
 from __future__ import annotations
 
 import logging
+import os
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -87,6 +88,8 @@ class AudioTagStage(Stage[AudioTagsConfig]):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = device
+        if device == "cpu":  # the pool's actors share the cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.pool_size))
         self._extractor = AutoFeatureExtractor.from_pretrained(cfg.model)
         model = ASTForAudioClassification.from_pretrained(cfg.model)
         self._model = model.to(device).eval()
@@ -147,6 +150,4 @@ class AudioTagStage(Stage[AudioTagsConfig]):
         with torch.inference_mode():
             logits = self._model(**{k: v.to(self._device) for k, v in inputs.items()}).logits
         probs = torch.sigmoid(logits.float()).cpu().numpy()
-        return [
-            top_tags(dict(zip(self._labels, row.tolist(), strict=True)), cfg.top_k, cfg.min_score) for row in probs
-        ]
+        return [top_tags(dict(zip(self._labels, row.tolist(), strict=True)), cfg.top_k, cfg.min_score) for row in probs]

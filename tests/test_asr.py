@@ -9,6 +9,7 @@ cut short, windows out of order, a wrong language token give WER > 0.5).
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_offline_base_wer_language_and_word_times(base_stage: AsrStage, media: d
         words = [w for s in o["asr_segments"] for w in s["words"]]
         assert len(words) >= 8
         assert all(0 <= w["start"] <= w["end"] <= duration + 0.1 for w in words)
-        assert all(a["start"] <= b["start"] for a, b in zip(words, words[1:]))
+        assert all(a["start"] <= b["start"] for a, b in itertools.pairwise(words))
 
 
 def test_offline_tiny_en_wer(media: dict[str, Path]) -> None:
@@ -159,7 +160,7 @@ def test_ungated_silence_is_transcribed_but_never_used_as_speech(media: dict[str
 
 def test_long_clip_is_cut_in_silence_and_times_are_offset(tmp_path: Path, media: dict[str, Path]) -> None:
     first, last = load_audio(media["s3"]), load_audio(media["s7"])
-    gap = np.zeros(int(16000 * 33), np.float32)
+    gap = np.zeros(16000 * 33, np.float32)
     audio = np.concatenate([first, gap, last])
     write_flac(tmp_path / "long.flac", audio)
     vad = SileroVad()

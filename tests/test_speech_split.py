@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def _inside(t: float, start: float, end: float) -> bool:
 
 def _check(windows: list[tuple[float, float]], words: list[TimedWord], lo: float, hi: float) -> None:
     assert windows == sorted(windows)
-    for (_, e), (s, _) in zip(windows, windows[1:]):
+    for (_, e), (s, _) in itertools.pairwise(windows):
         assert e <= s
     for s, e in windows:
         assert lo - 1e-6 <= e - s <= hi + 1e-6
