@@ -162,14 +162,17 @@ def _as_bytes(codes: np.ndarray) -> np.ndarray:
 def binary_index(codes: np.ndarray, radius: int, method: str = "auto") -> faiss.IndexBinary:
     """A FAISS binary index over 64-bit codes.
 
-    ``flat`` is exact brute force (fine up to ~10^5 codes); ``multihash`` splits codes into 4
-    substrings of 16 bits and probes every substring within ``nflip`` bits of the query's, which
-    finds every code within ``4 * (nflip + 1) - 1`` bits (pigeonhole), in time ~ candidates.
+    ``flat`` is exact brute force (AVX-512 popcount, ~0.3 ns per pair here); ``multihash`` splits
+    codes into 4 substrings of 16 bits and probes every substring within ``nflip`` bits of the
+    query's, which finds every code within ``4 * (nflip + 1) - 1`` bits (pigeonhole). It pays off
+    for small radii only: up to 7 bits (``nflip`` 1, 68 probes per query) it beats brute force
+    above ~200 k codes; at 8-11 bits (``nflip`` 2, 548 probes) it was slower than brute force at
+    1 M random codes (tests/bench/dedup_bench.py), so ``auto`` keeps ``flat`` there.
     """
     faiss = _faiss()
     n = len(codes)
     if method == "auto":
-        method = "flat" if n <= 200_000 else "multihash"
+        method = "multihash" if n > 200_000 and radius <= 7 else "flat"
     if method == "flat":
         index = faiss.IndexBinaryFlat(64)
     elif method == "multihash":
@@ -258,10 +261,90 @@ def choose_index_kind(n: int, flat_max_rows: int, ivf_max_rows: int) -> IndexKin
 
 
 def ivf_nlist(n: int) -> int:
-    """IVF cells: ~4 sqrt(n), rounded to a power of two, at least 1 and at most n / 39."""
-    target = 4 * math.sqrt(max(n, 1))
+    """IVF cells: ~2 sqrt(n), a power of two, at most n / 39 (so k-means has points to learn from).
+
+    For a self-join the cost is ``n * nlist * d`` (assigning rows to cells) plus
+    ``nprobe * n^2 / nlist * d`` (comparing within cells); ~sqrt(nprobe * n) cells balance them.
+    """
+    target = 2 * math.sqrt(max(n, 1))
     nlist = 2 ** round(math.log2(max(target, 1)))
     return int(max(1, min(nlist, n // 39 or 1)))
+
+
+def train_centroids(x: np.ndarray, nlist: int, niter: int = 10, max_points_per_centroid: int = 32, seed: int = 0) -> np.ndarray:
+    """Spherical k-means centroids (FAISS) of unit rows ``x``, trained on a sample."""
+    faiss = _faiss()
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    sample_size = min(n, nlist * max_points_per_centroid)
+    sample = x if sample_size == n else x[np.sort(rng.choice(n, sample_size, replace=False))]
+    km = faiss.Kmeans(
+        x.shape[1], nlist, niter=niter, spherical=True, seed=seed,
+        max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1,
+    )  # fmt: skip
+    km.train(np.ascontiguousarray(sample))
+    return np.asarray(km.centroids, dtype=np.float32)
+
+
+def ivf_join_pairs(
+    x: np.ndarray, threshold: float, nlist: int | None = None, nprobe: int = 3, block_floats: int = 1 << 25
+) -> tuple[np.ndarray, np.ndarray]:
+    """Self-join of unit rows by IVF, cell by cell: pairs (i < j) with ``x_i . x_j >= threshold``.
+
+    Each row lives in its nearest cell and probes its ``nprobe`` nearest cells, as in a FAISS
+    IVF search; but the comparisons are done cell-major, as dense matrix products of the rows
+    probing a cell against the rows living in it, which on CPU is several times faster than
+    ``n`` separate IVF searches. A pair is missed only when neither row's probes reach the
+    other's cell.
+    """
+    faiss = _faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    nlist = nlist or ivf_nlist(n)
+    nprobe = min(nprobe, nlist)
+    t0 = time.perf_counter()
+    centroids = train_centroids(x, nlist)
+    t1 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(centroids)
+    _, probes = quantizer.search(x, nprobe)  # (n, nprobe) cells, nearest first
+    t2 = time.perf_counter()
+    home = probes[:, 0]
+    members_order = np.argsort(home, kind="stable")
+    members_bounds = np.searchsorted(home[members_order], np.arange(nlist + 1))
+    flat = probes.reshape(-1)
+    probe_order = np.argsort(flat, kind="stable")
+    probe_rows = probe_order // nprobe
+    probe_bounds = np.searchsorted(flat[probe_order], np.arange(nlist + 1))
+    rows_out: list[np.ndarray] = []
+    cols_out: list[np.ndarray] = []
+    sims_out: list[np.ndarray] = []
+    for cell in range(nlist):
+        members = members_order[members_bounds[cell] : members_bounds[cell + 1]]
+        queries = probe_rows[probe_bounds[cell] : probe_bounds[cell + 1]]
+        if len(members) == 0 or len(queries) == 0:
+            continue
+        xm = x[members]
+        step = max(1, block_floats // len(members))
+        for s in range(0, len(queries), step):
+            q = queries[s : s + step]
+            sims = x[q] @ xm.T
+            qi, mi = np.nonzero(sims >= threshold)
+            a, b = q[qi], members[mi]
+            keep = a != b
+            rows_out.append(np.minimum(a, b)[keep])
+            cols_out.append(np.maximum(a, b)[keep])
+            sims_out.append(sims[qi, mi][keep])
+    log.info(
+        "ivf join: %d rows, %d cells, nprobe %d: train %.1f s, assign %.1f s, join %.1f s",
+        n, nlist, nprobe, t1 - t0, t2 - t1, time.perf_counter() - t2,
+    )  # fmt: skip
+    if not rows_out:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
+    pairs = np.stack([np.concatenate(rows_out), np.concatenate(cols_out)], axis=1).astype(np.int64)
+    sims_all = np.concatenate(sims_out).astype(np.float32)
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    return pairs, sims_all[first]
 
 
 def build_cosine_index(
@@ -326,6 +409,8 @@ def cosine_pairs(
     if kind == "auto":
         kind = choose_index_kind(n, flat_max_rows, ivf_max_rows)
     gpu = use_gpu and _gpu_count() > 0
+    if kind == "ivf" and not gpu:
+        return ivf_join_pairs(x, threshold, nprobe=nprobe)
     index = build_cosine_index(x, kind, nprobe=nprobe, use_gpu=use_gpu)
     if kind == "hnsw":
         index.hnsw.efSearch = max(2 * neighbors, 64)
