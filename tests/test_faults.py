@@ -3,8 +3,10 @@
 A head node with no CPUs (it holds the driver's objects) and two worker nodes with 2 logical CPUs
 each. Each test injects one fault while tasks are running on a worker node and checks that the
 job still ends with every input accounted for exactly once and no duplicated or half-written
-shard: a worker process killed, a whole node removed, the driver interrupted and the job rerun.
-(tests/test_resume.py covers driver interrupts without a cluster.)
+shard: a worker process killed (running a CPU stage's task, or a model stage's actor mid-batch),
+a whole node removed, the driver interrupted (Ctrl-C, SIGKILL) and the job rerun.
+(tests/test_resume.py covers driver interrupts without a cluster.) The last tests check the Ray
+runner's own pieces: stage fusion, rows per task, the per-stage Ray metrics.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class ProbeModel(Stage[QualityConfig]):
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
         time.sleep(0.3)  # a model's forward pass: long enough to be killed in the middle of one
-        return [{"scores": [*r.get("scores", []), {"name": "probe_pid", "value": float(os.getpid())}]} for r in rows]
+        return [{"scores": [*(r.get("scores") or []), {"name": "probe_pid", "value": float(os.getpid())}]} for r in rows]
 
 
 @pytest.fixture

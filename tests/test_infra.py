@@ -251,6 +251,23 @@ def test_dockerfile_base_system_packages_and_entrypoint() -> None:
     assert "*" in ignore and {"!pyproject.toml", "!pipeline/", "!stages/", "!schemas/", "!prompts/"} <= set(ignore)
 
 
+# the pyproject extra each optional stage's packages come from
+STAGE_EXTRAS = {
+    "asr": "audio", "audio_tags": "audio", "visual_tags": "visual", "visual_caption": "visual",
+    "visual_quality": "visual", "text_embed": "visual", "fingerprint": "dedup", "dedup": "dedup",
+    "fuse": "llm", "judge": "llm",
+}  # fmt: skip
+
+
+def test_image_has_what_the_example_job_needs() -> None:
+    from pipeline.config import load_config
+
+    _, args = _dockerfile()
+    extras = set(args["AVFORGE_EXTRAS"].split(","))
+    needed = {STAGE_EXTRAS[s] for s in load_config(INFRA / "job.yaml").stages if s in STAGE_EXTRAS}
+    assert needed and needed <= extras, f"infra/job.yaml needs extras {sorted(needed - extras)} the image lacks"
+
+
 def test_dockerfile_installs_only_pinned_dependencies() -> None:
     instructions, args = _dockerfile()
     pins = _pyproject()["project"]["optional-dependencies"]
@@ -315,7 +332,8 @@ echo "srun $node $*" >> {log}
 SHIM_NODE="$node" exec "$@"
 """)  # fmt: skip
     _stub(bindir, "hostname", 'case "$SHIM_NODE" in gpu-a) echo "10.1.0.1 fe80::1";; *) echo 10.1.0.9;; esac\n')
-    _stub(bindir, "ray", f'echo "ray $*" >> {log}\n')
+    # `ray status` answers once the head has started, as the real one does
+    _stub(bindir, "ray", f'[[ "$1" == status ]] && exec grep -q "^ray start --head" {log}\necho "ray $*" >> {log}\n')
     _stub(bindir, "python", f'grep -c "^ray start" {log} || true\n')  # nodes alive: the ray starts so far
     _stub(bindir, "avforge", f'printf "avforge" >> {log}; for a in "$@"; do printf " [%s]" "$a" >> {log}; done; echo >> {log}\n')
     tricky = tmp_path / "in put $(touch pwned).csv"  # input names are data, never shell code
