@@ -25,6 +25,9 @@ from stages._media import probe
 
 log = logging.getLogger(__name__)
 
+MEDIA_SUFFIXES = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mpg", ".mpeg", ".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus"}
+)
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
 CAP_MARK = "download cap"
@@ -249,7 +252,7 @@ class DownloadStage(Stage[DownloadConfig]):
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _ytdlp_options(self, target_dir: Path, video_id: str, logger: _YtdlpLogger) -> dict[str, Any]:
+    def _ytdlp_options(self, url: str, target_dir: Path, video_id: str, logger: _YtdlpLogger) -> dict[str, Any]:
         from yt_dlp.utils import parse_bytes
 
         cfg = self.config
@@ -272,6 +275,9 @@ class DownloadStage(Stage[DownloadConfig]):
             "overwrites": True,
             "continuedl": False,
             "cachedir": False,
+            # A direct link to a media file needs no site extractor: skip matching ~1800 of them
+            # (about 1 s of regex compilation in each new worker process).
+            "force_generic_extractor": Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES,
         }
         if cfg.max_filesize_mb is not None:
             opts["max_filesize"] = int(cfg.max_filesize_mb * 1024 * 1024)
@@ -314,7 +320,7 @@ class DownloadStage(Stage[DownloadConfig]):
         cfg = self.config
         try:
             with address_guard(cfg.allow_private_addresses, cfg.allowed_hosts):
-                with yt_dlp.YoutubeDL(self._ytdlp_options(target_dir, video_id, logger)) as ydl:
+                with yt_dlp.YoutubeDL(self._ytdlp_options(url, target_dir, video_id, logger)) as ydl:
                     info = ydl.extract_info(url, download=True)
         except yt_dlp.utils.DownloadError as exc:
             raise classify_download_error(str(exc)) from None
