@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import DedupConfig
+from pipeline.errors import ConfigError
 from pipeline.stage import Resources, Row, Stage
 from stages.fingerprint import FRAME_SCALES, MIRROR_MASK
 
@@ -150,8 +151,10 @@ def exact_pairs(hashes: Sequence[str | None]) -> np.ndarray:
 
 
 def _faiss() -> Any:
-    import faiss
-
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("the dedup stage needs faiss: pip install 'avforge[dedup]' (faiss-cpu)") from None
     return faiss
 
 

@@ -149,6 +149,8 @@ def test_signals_written_and_rerunnable(dedup_run: Path, planted: tuple[Path, di
     again = find_duplicates(table, DedupConfig()).to_pylist()
     assert [r["duplicate_of"] for r in again] == [r["duplicate_of"] for r in decided]
     by_key = {r["key"]: r for r in decided}
+    for r in decided:
+        log.info("%s -> %s via %s", r["key"], r["duplicate_of"], ",".join(r["signals"]) or "-")
     # byte copies are exact duplicates; the mirror flip is found by frames (audio matches too)
     assert "exact" in by_key["src0_copy_0000"]["signals"]
     assert "frames" in by_key["src1_mirror_0000"]["signals"]
