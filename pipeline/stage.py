@@ -10,7 +10,7 @@ loads heavy things in ``setup()`` (never at import time or in ``__init__``) and 
   (each becomes a row: the parent row with the update applied) or an ``Exception`` instance.
 
 A stage may instead raise: the runner then retries the batch row by row to isolate the bad row
-(except on out-of-memory). Rows that already failed, and rows a filter marked with
+(on out-of-memory it retries halves of the batch instead, down to one row). Rows that already failed, and rows a filter marked with
 ``drop_reason`` (when ``skip_dropped``), pass through a stage untouched.
 """
 
