@@ -1,5 +1,8 @@
 """The JSON answers asked of the LLM, declared once.
 
+String limits stay at or below 600 characters: llama.cpp turns ``maxLength`` into a nested grammar
+rule and refuses (and llama-cpp-python then crashes on) grammars past ~1000 repetitions.
+
 Each preset in ``prompts/`` names one answer shape here (its ``answer`` key). From each pydantic
 model derive both the JSON schema shown to the model (and enforced by backends that support
 constrained decoding) and the validator of its raw answer: ``answer_schema(name)`` and
@@ -24,11 +27,11 @@ class Answer(BaseModel):
 class MMTrailAnswer(Answer):
     """MMTrail style: one audio-visual caption plus one caption per modality ("" when absent)."""
 
-    audio_visual_caption: str = Field(min_length=1, max_length=1000)
-    visual_caption: str = Field(max_length=600)
-    audio_caption: str = Field(max_length=600)
-    music_caption: str = Field(max_length=600)
-    speech_caption: str = Field(max_length=600)
+    audio_visual_caption: str = Field(min_length=1, max_length=600)
+    visual_caption: str = Field(max_length=400)
+    audio_caption: str = Field(max_length=400)
+    music_caption: str = Field(max_length=400)
+    speech_caption: str = Field(max_length=400)
 
 
 class WavCapsAnswer(Answer):
@@ -47,7 +50,7 @@ class WavCapsAnswer(Answer):
 class TimedCaption(Answer):
     start: float = Field(ge=0)
     end: float = Field(ge=0)
-    text: str = Field(min_length=1, max_length=400)
+    text: str = Field(min_length=1, max_length=300)
 
     @model_validator(mode="after")
     def _ordered(self) -> TimedCaption:
@@ -65,9 +68,9 @@ class HowToCaptionAnswer(Answer):
 class FAVDAnswer(Answer):
     """FAVD style paragraph: one summary sentence, then visual details, then audio details."""
 
-    summary: str = Field(min_length=1, max_length=400)
-    visual_details: str = Field(min_length=1, max_length=1200)
-    audio_details: str = Field(min_length=1, max_length=1200)
+    summary: str = Field(min_length=1, max_length=300)
+    visual_details: str = Field(min_length=1, max_length=600)
+    audio_details: str = Field(min_length=1, max_length=600)
 
 
 class JudgeAnswer(Answer):

@@ -15,6 +15,7 @@ A failed request never raises out of ``chat``: its ``ChatResult`` carries ``erro
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -122,6 +123,7 @@ class LlamaCppBackend:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF model file not found: {path}")
         self.model_id = path.name
+        self._grammar_ok: dict[str, bool] = {}
         threads = cfg.threads or max(1, int(cfg.cpus))
         log.info("llama_cpp: loading %s (n_ctx=%d, threads=%d)", path, cfg.context_tokens, threads)
         self._llm = Llama(
@@ -135,9 +137,34 @@ class LlamaCppBackend:
 
     def _format(self, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         fmt = _response_format(self.cfg, schema)
-        if fmt is None or fmt["type"] != "json_schema":
+        if fmt is None or fmt["type"] == "json_object" and "schema" not in fmt:
             return fmt
+        assert schema is not None
+        if not self.grammar_ok(schema):
+            return {"type": "json_object"}  # any JSON; the validator still checks the shape
         return {"type": "json_object", "schema": schema}  # llama-cpp-python: json_object + schema -> grammar
+
+    def grammar_ok(self, schema: dict[str, Any]) -> bool:
+        """Whether llama.cpp accepts the grammar of ``schema`` (a refused grammar crashes llama-cpp-python)."""
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammar_ok:
+            import llama_cpp
+            from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+            try:
+                gbnf = json_schema_to_gbnf(key)
+                vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+                sampler = llama_cpp.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+            except Exception as exc:  # noqa: BLE001 - a schema the converter cannot handle
+                log.warning("llama_cpp: no grammar for the answer schema (%s); asking for any JSON", exc)
+                sampler = None
+            else:
+                if sampler:
+                    llama_cpp.llama_sampler_free(sampler)
+                else:
+                    log.warning("llama_cpp: llama.cpp refused the schema's grammar (too complex); asking for any JSON")
+            self._grammar_ok[key] = bool(sampler)
+        return self._grammar_ok[key]
 
     def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
         return [self._one(r) for r in requests]

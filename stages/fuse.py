@@ -147,23 +147,23 @@ def fallback_answer(answer: str, s: Signals) -> Answer:
     if answer == "mmtrail":
         main = " ".join(p for p in (visual, audio, speech) if p) or _title_text(s)
         return MMTrailAnswer(
-            audio_visual_caption=main[:1000],
-            visual_caption=visual[:600],
-            audio_caption=audio[:600],
-            music_caption=music[:600],
-            speech_caption=speech[:600],
+            audio_visual_caption=main[:600],
+            visual_caption=visual[:400],
+            audio_caption=audio[:400],
+            music_caption=music[:400],
+            speech_caption=speech[:400],
         )
     if answer == "wavcaps":  # a fallback never rejects: the model did not decide
         return WavCapsAnswer(about_sound=True, caption=(audio or _title_text(s))[:300])
     if answer == "howtocaption":
         end = s.duration or 0.0
         parts = s.segments or [(0.0, end, s.transcript or _title_text(s))]
-        return HowToCaptionAnswer(captions=[TimedCaption(start=a, end=max(a, b), text=t[:400]) for a, b, t in parts[:32]])
+        return HowToCaptionAnswer(captions=[TimedCaption(start=a, end=max(a, b), text=t[:300]) for a, b, t in parts[:32]])
     if answer == "favd":
         return FAVDAnswer(
-            summary=_title_text(s)[:400],
-            visual_details=(visual or "No visual details are available.")[:1200],
-            audio_details=(" ".join(p for p in (audio, speech) if p) or "No audio details are available.")[:1200],
+            summary=_title_text(s)[:300],
+            visual_details=(visual or "No visual details are available.")[:600],
+            audio_details=(" ".join(p for p in (audio, speech) if p) or "No audio details are available.")[:600],
         )
     raise ValueError(f"no deterministic fallback for answer shape {answer!r}")
 

@@ -319,3 +319,29 @@ def test_judge_skips_rows_without_caption(monkeypatch: pytest.MonkeyPatch) -> No
     (row,) = apply_stage(stage, [dict(ROW, caption=None)])
     assert row["llm_flags"] == ["judge_skipped:no_caption"] and row.get("drop_reason") is None
     assert backend.calls == []
+
+
+@pytest.mark.timeout(300)
+def test_fuse_as_a_ray_actor(tmp_path: Path) -> None:
+    """The fuse stage as a Ray actor (llama.cpp loaded once in the actor), results through Arrow to the sink."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+    from pipeline.samples import synth_video
+
+    video = tmp_path / "rain_on_a_window.mp4"
+    synth_video(video, duration=4.0, n_scenes=1, seed=5, speech=["It is raining again."])
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text(f"{video}\n")
+    cfg = load_config(None, ["stages=[download,split,extract,quality,fuse]", "split.clip_seconds=2",
+                             "split.min_clip_seconds=1", "extract.frames_per_clip=1", "ray.num_cpus=4",
+                             "fuse.preset=favd", "fuse.llm.cpus=0.5", "fuse.llm.max_tokens=120"])  # fmt: skip
+    summary = run_pipeline(inputs, tmp_path / "out", cfg, backend="ray")
+    assert (summary.errors, summary.kept + summary.rejected) == (0, 2)
+    rows = pq.read_table(tmp_path / "out" / "index.parquet").to_pylist()
+    rows += pq.read_table(tmp_path / "out" / "rejects.parquet").to_pylist()
+    for row in rows:
+        (fused,) = [c for c in row["captions"] if c["kind"] == "fused"]
+        extra = json.loads(fused["extra_json"])
+        assert extra["preset"] == "favd" and extra["backend"] == "llama_cpp"
+        assert row["caption"] == fused["text"] and row["caption"]
+        assert isinstance(row["llm_flags"], list)

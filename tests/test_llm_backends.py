@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from pipeline.config import LLMBackendConfig
-from schemas.llm import AnswerError, JudgeAnswer, answer_schema, parse_answer
+from schemas.llm import ANSWERS, AnswerError, JudgeAnswer, answer_schema, parse_answer
 from stages._llm import ChatRequest, LlamaCppBackend, OpenAIBackend, default_gguf, make_backend
 
 JUDGE_SCHEMA = answer_schema("judge")
@@ -71,6 +71,20 @@ def test_llama_cpp_answers_json_of_the_schema(llama: LlamaCppBackend) -> None:
         assert result.completion_tokens and result.completion_tokens <= 160
         assert result.finish_reason == "stop" and result.seconds and result.seconds > 0
     assert llama.model_id == default_gguf().name
+
+
+def test_every_answer_shape_compiles_to_a_llama_cpp_grammar(llama: LlamaCppBackend) -> None:
+    for name in ANSWERS:
+        assert llama.grammar_ok(answer_schema(name)), name
+
+
+def test_llama_cpp_refused_grammar_falls_back_to_any_json(llama: LlamaCppBackend) -> None:
+    # llama.cpp refuses this grammar (a 5000-deep repetition); passing it on would crash the process
+    huge = {"type": "object", "properties": {"caption": {"type": "string", "maxLength": 5000}}, "required": ["caption"]}
+    assert not llama.grammar_ok(huge)
+    request = ChatRequest(judge_request("A cat.").messages, max_tokens=48, json_schema=huge)
+    (result,) = llama.chat([request])
+    assert result.error is None and result.text is not None and result.text.lstrip().startswith("{")
 
 
 def test_llama_cpp_token_limit_gives_a_truncated_answer(llama: LlamaCppBackend) -> None:
