@@ -9,8 +9,9 @@ Per clip (the extract stage's 16 kHz mono ``audio_uri``):
 4. the guards of ``stages._hallucination`` flag invented text; flagged text stays in
    ``asr_segments`` but not in ``transcript``.
 
-Outcomes besides a transcript: ``no_audio`` (the video has no audio track), ``no_speech``, guard
-flags; a missing or undecodable audio file is an error row (``missing_input`` / ``corrupt_media``).
+Outcomes besides a transcript, in ``asr_flags``: ``no_audio`` (the video has no audio track),
+``no_speech`` (VAD gate), ``no_text`` (speech, but Whisper wrote nothing), guard flags; a missing or
+undecodable audio file is an error row (``missing_input`` / ``not_found`` / ``corrupt_media``).
 
 Why per clip and not the whole video once, then sliced (measured with ``tests/bench/asr_bench.py``,
 6 generated videos, 139 s of audio, 12 fixed 10 s clips, Whisper base int8 on 2 cores): the whole
@@ -98,7 +99,7 @@ class AsrStage(Stage[AsrConfig]):
                     "language": tr.language,
                     "language_prob": None if tr.language_prob is None else round(tr.language_prob, 4),
                     "asr_segments": [s.to_dict() for s in tr.segments],
-                    "asr_flags": verdict.flags,
+                    "asr_flags": verdict.flags if tr.segments else ["no_text"],
                     "speech_ratio": None if vad is None else round(vad.speech_ratio, 4),
                 }
         return results

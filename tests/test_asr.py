@@ -320,3 +320,20 @@ def test_encoded_subset_matches_encoding_alone(media: dict[str, Path]) -> None:
     feats = np.stack([pad_or_trim(m.feature_extractor(load_audio(media[n]))[..., :-1]) for n in ("s0", "s1", "s2")])
     sliced = np.asarray(encoded_subset(m.encode(feats), [0, 2], 3, m))
     assert np.abs(sliced - np.asarray(m.encode(feats[[0, 2]]))).max() < 1e-3
+
+
+def test_speech_without_text_is_flagged(media: dict[str, Path]) -> None:
+    from stages._whisper import WhisperEngine, WindowResult
+
+    class Mute(WhisperEngine):  # an engine that hears nothing, to reach the "no_text" outcome
+        def load(self) -> None: ...
+
+        def transcribe_windows(self, windows: list[np.ndarray]) -> list[WindowResult]:
+            return [WindowResult("en", 0.9, []) for _ in windows]
+
+    stage = AsrStage(AsrConfig())
+    stage.vad = SileroVad()
+    stage.vad.load()
+    stage.engine = Mute(stage.config)
+    (out,) = stage.process_batch(_rows(media, ["s0"]))
+    assert out["asr_flags"] == ["no_text"] and out["transcript"] is None and out["speech_ratio"] > 0.7
