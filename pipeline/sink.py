@@ -71,11 +71,6 @@ class OutputStore:
         if not keep_local:
             (self.root / rel).unlink(missing_ok=True)
 
-    def remove(self, rel: str) -> None:
-        (self.root / rel).unlink(missing_ok=True)
-        if self.remote:
-            storage.remove(storage.join(self.uri, *rel.split("/")))
-
     def pull(self) -> None:
         """Fetch sidecars and parts of earlier runs; delete remote tars that have no sidecar."""
         if not self.remote:
@@ -91,11 +86,6 @@ class OutputStore:
             if uri.rsplit("/", 1)[-1][: -len(".tar")] not in sides:
                 log.warning("removing %s: written by an interrupted run (no sidecar index)", uri)
                 storage.remove(uri)
-
-    def remote_tars(self) -> set[str]:
-        if not self.remote:
-            return set()
-        return {u.rsplit("/", 1)[-1] for u in storage.listdir(storage.join(self.uri, "shards"), ".tar")}
 
 
 def error_part_schema() -> pa.Schema:
@@ -195,6 +185,7 @@ class Sink:
         self.stage_rows: Counter[str] = Counter()
         self.video_seconds = 0.0
         self._seen_videos: set[str] = set()
+        self._taken: set[str] = set()
         self._last_log = time.monotonic()
 
     # ------------------------------------------------------------------ intake
@@ -202,8 +193,10 @@ class Sink:
     def add(self, rows: list[Row]) -> None:
         for row in rows:
             key = row.get("key")
-            if key is not None and key in self.state.keys:
-                continue  # written by an earlier run
+            if key is not None and (key in self.state.keys or key in self._taken):
+                continue  # written by an earlier run, or already seen in this one
+            if key is not None:
+                self._taken.add(key)
             for t in row.get("timings") or []:
                 self.stage_seconds[t["stage"]] += t["seconds"]
                 self.stage_rows[t["stage"]] += 1
