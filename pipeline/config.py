@@ -177,7 +177,7 @@ class DedupConfig(Section):
     index: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = Field(
         "auto", description="semantic index; auto: flat up to flat_max_rows, IVF-Flat above, IVF-PQ above ivf_max_rows"
     )
-    flat_max_rows: int = Field(100_000, ge=1)
+    flat_max_rows: int = Field(50_000, ge=1, description="auto: exact flat search up to this many rows")
     ivf_max_rows: int = Field(20_000_000, ge=1)
     nprobe: int = Field(3, ge=1, description="IVF cells each row probes (recall 1.0 at 1 M in tests/bench/dedup_bench.py)")
     neighbors: int = Field(32, ge=1, description="approximate indexes: neighbours retrieved per query")

@@ -395,9 +395,9 @@ def cosine_pairs(
     neighbors: int = 32,
     nprobe: int = 16,
     use_gpu: bool = False,
-    flat_max_rows: int = 100_000,
+    flat_max_rows: int = 50_000,
     ivf_max_rows: int = 20_000_000,
-    batch: int = 65_536,
+    batch: int = 8192,  # queries per search call (IVF-PQ keeps a lookup table per query in flight)
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i < j) of rows of ``x`` with cosine similarity >= ``threshold``, and the similarities.
 
