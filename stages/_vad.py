@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StageError
+from pipeline.storage import is_remote, localize
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ def load_audio(path: str | Path) -> np.ndarray:
     """Decode ``path`` to 16 kHz mono float32 in [-1, 1]. Raises StageError on unreadable audio."""
     import av
 
+    if is_remote(path):  # staging on an object store
+        path = localize(str(path))
     p = Path(path)
     if not p.exists():
         raise StageError(f"audio file not found: {p}", "not_found")

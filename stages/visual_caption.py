@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import VisualCaptionConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import read_bytes
 from schemas.records import Caption
 from stages.visual_tags import load_image, pick_evenly, resolve_device
 
@@ -130,7 +131,7 @@ class VisualCaptionStage(Stage[VisualCaptionConfig]):
         parts: list[dict[str, Any]] = [{"type": "text", "text": c.prompt}]
         for uri in pick_evenly(frame_uris, c.vlm_frames):
             try:
-                data = Path(uri).read_bytes()
+                data = read_bytes(uri)
             except FileNotFoundError:
                 raise StageError(f"frame file not found: {uri}", "not_found") from None
             url = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")

@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.config import VisualQualityConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import localize
 from stages.visual_tags import load_image, pick_evenly
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ class VisualQualityStage(Stage[VisualQualityConfig]):
             if not path:
                 results[i] = StageError("row has no local_path to decode", "not_found")
                 continue
-            by_video[path].append(_Span(i, float(row["clip_start"]), float(row["clip_end"])))
+            by_video[str(localize(path))].append(_Span(i, float(row["clip_start"]), float(row["clip_end"])))
         for path, spans in by_video.items():
             try:
                 decode_thumbs(path, spans, self.config.analysis_fps)

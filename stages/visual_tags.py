@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.config import VisualTagsConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import localize
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -67,7 +68,7 @@ def load_image(uri: str) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(uri) as img:
+        with Image.open(localize(uri)) as img:
             return img.convert("RGB")
     except FileNotFoundError:
         raise StageError(f"frame file not found: {uri}", "not_found") from None
