@@ -226,9 +226,9 @@ class Clip(Record):
     drop_reason: str | None = opt()
     duplicate_of: str | None = opt()
     # -- dedup fingerprints (stages/fingerprint.py); 64-bit codes stored as int64 (two's complement)
-    content_hash: str | None = opt()  # hash of decoded low-res frames + quantised audio: exact duplicates
-    frame_hashes: list[int] = opt_list(json=False)  # 64-bit DCT-sign hash per sampled frame
-    audio_fingerprint: list[int] = opt_list(json=False)  # 64-bit spectral band-energy codes, ~16/s
+    content_hash: str | None = opt()  # SHA-1 of decoded low-res frames (audio if no video): exact duplicates
+    frame_hashes: list[int] = opt_list(json=False)  # 64-bit DCT-sign hashes, 2 per sampled frame (100%, 90% crop)
+    audio_fingerprint: list[int] = opt_list(json=False)  # 64-bit spectral band-energy codes, ~31/s
     # -- failure
     error_stage: str | None = opt()
     error_type: str | None = opt()
