@@ -227,8 +227,8 @@ class Clip(Record):
     duplicate_of: str | None = opt()
     # -- dedup fingerprints (stages/fingerprint.py); 64-bit codes stored as int64 (two's complement)
     content_hash: str | None = opt()  # SHA-1 of decoded low-res frames (audio if no video): exact duplicates
-    frame_hashes: list[int] = opt_list(json=False)  # 64-bit DCT-sign hashes, 2 per sampled frame (100%, 90% crop)
-    audio_fingerprint: list[int] = opt_list(json=False)  # 64-bit spectral band-energy codes, ~31/s
+    frame_hashes: list[int] = opt_list(json=False, index=False)  # 64-bit DCT-sign hashes, 2 per frame
+    audio_fingerprint: list[int] = opt_list(json=False, index=False)  # 64-bit band-energy codes, ~31/s
     # -- failure
     error_stage: str | None = opt()
     error_type: str | None = opt()
