@@ -112,9 +112,12 @@ def rank_keys(
     clip_index: np.ndarray,
     keys: Sequence[str],
 ) -> np.ndarray:
-    """A rank per item (0 = best) under the keep rule; ties go to the next rules, then earliest."""
+    """A rank per item (0 = best) under the keep rule; ties go to the next rules, then earliest.
+
+    Durations compare at 0.1 s, so a re-encode a few milliseconds longer does not win "longest".
+    """
     q = np.nan_to_num(np.asarray(quality, np.float64), nan=-np.inf)
-    dur = np.nan_to_num(np.asarray(duration, np.float64), nan=0.0)
+    dur = np.round(np.nan_to_num(np.asarray(duration, np.float64), nan=0.0), 1)  # AAC padding is no length
     px = np.nan_to_num(np.asarray(pixels, np.float64), nan=0.0)
     early = (np.asarray(input_index, np.int64), np.asarray(clip_index, np.int64), np.asarray(keys, dtype=object))
     rules = {

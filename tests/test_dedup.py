@@ -267,3 +267,29 @@ def test_semantic_embeddings_dedup_through_stage(tmp_path: Path) -> None:
     assert out[5] == {"drop_reason": "duplicate", "duplicate_of": "v1_0000"}
     assert out[0] == out[1] == out[3] == out[4] == {}
     assert (tmp_path / "dedup" / "signals.parquet").exists()
+
+
+@pytest.mark.timeout(300)
+def test_dedup_on_ray(tmp_path: Path) -> None:
+    """The global phase gathers rows streamed by the Ray runner (fixed 3 s windows, per-window groups)."""
+    src, other = tmp_path / "src.mp4", tmp_path / "other.mp4"
+    synth_video(src, duration=6.0, n_scenes=2, seed=900, scene_kinds=["life", "movingbox"])
+    synth_video(other, duration=6.0, n_scenes=2, seed=901, scene_kinds=["life", "movingbox"])
+    shutil.copyfile(src, tmp_path / "copy.mp4")
+    _transform(src, "mirror", tmp_path / "mirror.mp4")
+    names = ["src", "copy", "mirror", "other"]
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"url": str(tmp_path / f"{n}.mp4"), "id": n}) + "\n" for n in names))
+    config = RunConfig(
+        stages=["download", "split", "extract", "quality", "fingerprint", "dedup"],
+        split={"mode": "fixed", "clip_seconds": 3.0, "min_clip_seconds": 1.0},
+        extract={"frames_per_clip": 1},
+        ray={"num_cpus": 4},
+    )
+    summary = run_pipeline(inputs, tmp_path / "out", config, backend="ray")
+    assert summary.errors == 0
+    _, dup_of, kept = _groups(tmp_path / "out")
+    assert kept == {"src_0000", "src_0001", "other_0000", "other_0001"}
+    assert dup_of == {
+        "copy_0000": "src_0000", "mirror_0000": "src_0000", "copy_0001": "src_0001", "mirror_0001": "src_0001",
+    }  # fmt: skip
