@@ -153,7 +153,7 @@ class FingerprintConfig(Section):
     """Per-clip fingerprints for dedup (stages/fingerprint.py)."""
 
     frames_per_second: float = Field(4.0, gt=0, le=30, description="frames hashed per second of clip")
-    max_frames: int = Field(120, ge=1, description="at most this many frame hashes per clip")
+    max_frames: int = Field(120, ge=1, description="at most this many frames per clip, spread over a long clip")
     audio: bool = Field(True, description="compute the audio fingerprint (needs extract's audio_uri)")
     batch_size: int = Field(8, ge=1)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from typing import Any
 
 import av
@@ -209,7 +210,11 @@ def read_audio(uri: str) -> np.ndarray:
 
 
 def sample_frames(path: str, start: float, end: float, per_second: float, max_frames: int) -> list[np.ndarray]:
-    """Luma frames (DECODE_SIZE square, uint8) of [start, end): every k-th decoded frame."""
+    """Luma frames (DECODE_SIZE square, uint8) of [start, end): every k-th decoded frame.
+
+    ``k`` gives ``per_second`` frames per second, or fewer so that at most ``max_frames`` cover
+    the whole clip.
+    """
     out: list[np.ndarray] = []
     try:
         container = av.open(path, metadata_errors="ignore")
@@ -222,6 +227,8 @@ def sample_frames(path: str, start: float, end: float, per_second: float, max_fr
         stream.thread_type = "AUTO"
         rate = float(stream.average_rate or stream.guessed_rate or 25)
         stride = max(1, round(rate / per_second))
+        if math.isfinite(end):  # a long clip: spread max_frames over all of it
+            stride = max(stride, math.ceil((end - start) * rate / max_frames))
         if start > 0.5:
             container.seek(int(start * av.time_base), backward=True)
         half = 0.5 / rate
