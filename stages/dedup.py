@@ -621,10 +621,14 @@ class DedupStage(Stage[DedupConfig]):
         return out
 
     def _write(self, table: pa.Table, decisions: pa.Table) -> None:
+        """STAGING/dedup/{signals,duplicates}.parquet (uploaded when staging is an object store)."""
         import pyarrow.parquet as pq
 
-        folder = Path(self.context.staging_dir) / "dedup"
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, folder / "signals.parquet")
-        pq.write_table(decisions, folder / "duplicates.parquet")
-        log.info("dedup: signals and decisions written to %s", folder)
+        from pipeline.storage import StagingArea
+
+        staging = StagingArea(self.context.staging_dir)
+        for name, data in (("signals", table), ("duplicates", decisions)):
+            rel = f"dedup/{name}.parquet"
+            pq.write_table(data, staging.local(rel))
+            uri = staging.publish(rel)
+        log.info("dedup: signals and decisions written beside %s", uri)

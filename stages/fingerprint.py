@@ -38,6 +38,7 @@ import numpy as np
 from pipeline.config import FingerprintConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
+from pipeline.storage import localize
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class FingerprintStage(Stage[FingerprintConfig]):
                 raise StageError("no local file to fingerprint (download stage missing?)", "missing_input")
             start = float(row.get("clip_start") or 0.0)
             end = float(row["clip_end"]) if row.get("clip_end") is not None else float("inf")
-            frames = sample_frames(path, start, end, cfg.frames_per_second, cfg.max_frames)
+            frames = sample_frames(str(localize(path)), start, end, cfg.frames_per_second, cfg.max_frames)
             if not frames:
                 raise StageError(f"no decodable frames in [{start:.2f}, {end:.2f}) of {path}", "corrupt_media")
         audio: np.ndarray | None = None
@@ -307,7 +308,7 @@ class FingerprintStage(Stage[FingerprintConfig]):
             uri = row.get("audio_uri")
             if not uri:
                 raise StageError("no audio_uri to fingerprint (run extract before fingerprint)", "missing_input")
-            audio = read_audio(uri)
+            audio = read_audio(str(localize(uri)))
         hashes = [code for h in (frame_hash(f) for f in frames) if h is not None for code in h]
         codes = audio_codes(audio) if audio is not None else np.zeros(0, np.uint64)
         return {
