@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import RunConfig, dump_config
 from pipeline.executor import apply_stage
 from pipeline.registry import build_stages
-from pipeline import storage
 from pipeline.sink import OutputStore, ResumeState, Sink, finalize_outputs
 from pipeline.stage import Row, Stage, StageContext
 from pipeline.storage import StagingArea
