@@ -61,12 +61,29 @@ class ProbeModel(Stage[QualityConfig]):
         return [{"scores": [*(r.get("scores") or []), {"name": "probe_pid", "value": float(os.getpid())}]} for r in rows]
 
 
+class SlowCpu(Stage[QualityConfig]):
+    """A stand-in slow CPU stage (a task, merged with split/extract), so a run lasts long enough
+    to be hit mid-way however fast the machine is."""
+
+    name: ClassVar[str] = "slow_cpu"
+    writes: ClassVar[tuple[str, ...]] = ()
+
+    def process_batch(self, rows: list[Row]) -> list[Any]:
+        time.sleep(0.15 * len(rows))
+        return [{} for _ in rows]
+
+
+SLOW = "stages=[download, split, extract, slow_cpu, quality]"
+
+
 @pytest.fixture
 def probe_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``probe_model`` a stage name (the driver builds stages; workers unpickle this class)."""
+    """Make ``probe_model`` and ``slow_cpu`` stage names (the driver builds stages; workers
+    unpickle these classes)."""
     from pipeline import registry
 
     monkeypatch.setitem(registry.STAGES, "probe_model", (f"{__name__}:ProbeModel", "quality"))
+    monkeypatch.setitem(registry.STAGES, "slow_cpu", (f"{__name__}:SlowCpu", "quality"))
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +260,7 @@ def test_worker_process_killed_mid_run(
 
     out = tmp_path / "out"
     if target == "task":
-        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker)
+        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker, settings=(SLOW,))
     else:
         stages = "stages=[download, split, extract, quality, probe_model]"
         fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, kill_worker,
@@ -257,7 +274,7 @@ def test_worker_process_killed_mid_run(
 
 
 @pytest.mark.timeout(180)
-def test_node_removed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path) -> None:
+def test_node_removed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path, probe_model: None) -> None:
     removed: list[Any] = []
 
     def remove_node(node: Any, busy: list[psutil.Process]) -> None:
@@ -266,7 +283,7 @@ def test_node_removed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path) ->
 
     out = tmp_path / "out"
     try:
-        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, remove_node)
+        fired = _run_with_fault(cluster, _inputs(corpus_dir, tmp_path), out, remove_node, settings=(SLOW,))
         assert removed and len(_worker_nodes(cluster)) == 1
         assert not any(_alive(pid) for pid in fired["busy"])  # its tasks died with it
         assert _assert_every_input_once(out) > fired["shards"]
