@@ -69,7 +69,7 @@ class SlowCpu(Stage[QualityConfig]):
     writes: ClassVar[tuple[str, ...]] = ()
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
-        time.sleep(0.15 * len(rows))
+        time.sleep(0.3 * len(rows))
         return [{} for _ in rows]
 
 
@@ -91,6 +91,7 @@ def cluster() -> Iterator[Any]:
     import ray
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # an in-process Ray left by an earlier test module would take this module's runs
     mib = 2**20
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 150 * mib})
     for _ in range(2):
