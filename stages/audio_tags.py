@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.config import AudioTagsConfig
 from pipeline.errors import ConfigError, StageError
-from pipeline.stage import Resources, Row, Stage, StageContext
+from pipeline.stage import PooledStage, Row, StageContext
 from schemas.records import Tag
 from stages._vad import SAMPLE_RATE, load_audio, span_seconds
 
@@ -48,9 +48,8 @@ def top_tags(scores: dict[str, float], top_k: int, min_score: float) -> list[dic
     return [Tag(label, round(float(s), 4)).to_dict() for s, label in best[:top_k]]
 
 
-class AudioTagStage(Stage[AudioTagsConfig]):
+class AudioTagStage(PooledStage[AudioTagsConfig]):
     name = "audio_tags"
-    stateful = True
     reads = ("key", "audio_uri", "has_audio")
     writes = ("audio_tags",)
 
@@ -61,15 +60,6 @@ class AudioTagStage(Stage[AudioTagsConfig]):
         self._extractor: Any = None
         self._labels: list[str] = []
         self._device = "cpu"
-
-    @property
-    def resources(self) -> Resources:
-        cfg = self.config
-        return Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, pool_size=cfg.pool_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
 
     def setup(self) -> None:
         cfg = self.config

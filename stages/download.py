@@ -19,7 +19,7 @@ from pipeline.config import DownloadConfig
 from pipeline.errors import StageError
 from pipeline import storage
 from pipeline.security import BLOCKED_MARK, address_guard, check_host, redact_text
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import Resources, Row, Stage, per_row
 from pipeline.storage import StagingArea
 from stages._media import probe
 
@@ -117,13 +117,7 @@ class DownloadStage(Stage[DownloadConfig]):
         return 1
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
-        out: list[Any] = []
-        for row in rows:
-            try:
-                out.append(self._one(row))
-            except StageError as exc:
-                out.append(exc)
-        return out
+        return per_row(self._one, rows)
 
     # ------------------------------------------------------------------ one input
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.config import FingerprintConfig
 from pipeline.errors import StageError
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import Resources, Row, Stage, per_row
 from pipeline.storage import localize
 
 log = logging.getLogger(__name__)
@@ -283,13 +283,7 @@ class FingerprintStage(Stage[FingerprintConfig]):
         return self.config.batch_size
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
-        out: list[Any] = []
-        for row in rows:
-            try:
-                out.append(self.fingerprint(row))
-            except StageError as exc:
-                out.append(exc)
-        return out
+        return per_row(self.fingerprint, rows)
 
     def fingerprint(self, row: Row) -> dict[str, Any]:
         cfg = self.config

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import SplitConfig
 from pipeline.errors import StageError
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import Resources, Row, Stage, per_row
 from pipeline.storage import localize
 from stages._media import probe
 
@@ -90,13 +90,7 @@ class SplitStage(Stage[SplitConfig]):
         return 1
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
-        out: list[Any] = []
-        for row in rows:
-            try:
-                out.append(self._split(row))
-            except StageError as exc:
-                out.append(exc)
-        return out
+        return per_row(self._split, rows)
 
     def plan(self, duration: float, cuts: list[float] | None) -> list[tuple[float, float, list[float]]]:
         cfg = self.config

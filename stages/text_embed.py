@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 from pipeline.config import TextEmbedConfig
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import PooledStage, Row
 from stages.visual_tags import resolve_device
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,10 @@ def default_model_path() -> str:
     return str(get_model_path())
 
 
-class TextEmbedStage(Stage[TextEmbedConfig]):
+class TextEmbedStage(PooledStage[TextEmbedConfig]):
     name = "text_embed"
     reads = ("caption", "transcript")
     writes = ("text_embedding",)
-    stateful = True
-
-    @property
-    def resources(self) -> Resources:
-        c = self.config
-        return Resources(cpus=c.num_cpus, gpus=c.num_gpus, pool_size=c.pool_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
 
     def setup(self) -> None:
         from sentence_transformers import SentenceTransformer

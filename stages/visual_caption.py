@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import VisualCaptionConfig
 from pipeline.errors import StageError
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import PooledStage, Row
 from pipeline.storage import read_bytes
 from schemas.records import Caption
 from stages.visual_tags import load_image, pick_evenly, resolve_device
@@ -32,20 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class VisualCaptionStage(Stage[VisualCaptionConfig]):
+class VisualCaptionStage(PooledStage[VisualCaptionConfig]):
     name = "visual_caption"
     reads = ("frame_uris", "captions")
     writes = ("captions",)
-    stateful = True
-
-    @property
-    def resources(self) -> Resources:
-        c = self.config
-        return Resources(cpus=c.num_cpus, gpus=c.num_gpus, pool_size=c.pool_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
 
     def setup(self) -> None:
         c = self.config

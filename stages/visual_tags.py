@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.config import VisualTagsConfig
 from pipeline.errors import StageError
-from pipeline.stage import Resources, Row, Stage
+from pipeline.stage import PooledStage, Row
 from pipeline.storage import localize
 
 if TYPE_CHECKING:
@@ -105,20 +105,10 @@ def _features(out: Any) -> Any:
 # --------------------------------------------------------------------------- the stage
 
 
-class VisualTagStage(Stage[VisualTagsConfig]):
+class VisualTagStage(PooledStage[VisualTagsConfig]):
     name = "visual_tags"
     reads = ("frame_uris",)
     writes = ("visual_embedding", "visual_tags")
-    stateful = True
-
-    @property
-    def resources(self) -> Resources:
-        c = self.config
-        return Resources(cpus=c.num_cpus, gpus=c.num_gpus, pool_size=c.pool_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
 
     def setup(self) -> None:
         import torch
