@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.config import FuseConfig, LLMStageConfig
 from pipeline.stage import Resources, Row, Stage, StageContext
@@ -48,6 +48,43 @@ def llm_resources(cfg: LLMStageConfig) -> Resources:
     if llm.backend == "llama_cpp":
         return Resources(cpus=float(llm.threads or llm.cpus), pool_size=llm.replicas)
     return Resources(cpus=llm.cpus, pool_size=llm.replicas)
+
+
+L = TypeVar("L", bound=LLMStageConfig)
+
+
+class LLMStage(Stage[L]):
+    """What the fuse and judge stages share: a preset and a backend loaded in ``setup``, an actor
+    pool sized by the backend (``llm_resources``), batches of ``batch_size``."""
+
+    stateful = True
+
+    def __init__(self, config: L, context: StageContext | None = None) -> None:
+        super().__init__(config, context)
+        self.preset: Preset | None = None
+        self.backend: LLMBackend | None = None
+
+    @property
+    def resources(self) -> Resources:
+        return llm_resources(self.config)
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    def check_preset(self, preset: Preset) -> None:
+        """Raise ValueError when ``preset`` does not answer what this stage needs."""
+
+    def setup(self) -> None:
+        self.preset = load_preset(self.config.preset, self.config.prompts_dir)
+        self.check_preset(self.preset)
+        self.backend = make_backend(self.config.llm)
+        log.info("%s: preset %s with %s/%s", self.name, self.preset.prompt_id, self.backend.name, self.backend.model_id)
+
+    def teardown(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
 
 
 def provenance(
@@ -197,7 +234,7 @@ def captions_of(answer: Answer) -> tuple[str, dict[str, str]]:
 # --------------------------------------------------------------------------- the stage
 
 
-class FuseStage(Stage[FuseConfig]):
+class FuseStage(LLMStage[FuseConfig]):
     name = "fuse"
     reads = (
         "title",
@@ -211,32 +248,10 @@ class FuseStage(Stage[FuseConfig]):
         "captions",
     )
     writes = ("captions", "caption", "llm_flags", "drop_reason")
-    stateful = True
 
-    def __init__(self, config: FuseConfig, context: StageContext | None = None) -> None:
-        super().__init__(config, context)
-        self.preset: Preset | None = None
-        self.backend: LLMBackend | None = None
-
-    @property
-    def resources(self) -> Resources:
-        return llm_resources(self.config)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
-
-    def setup(self) -> None:
-        self.preset = load_preset(self.config.preset, self.config.prompts_dir)
-        if self.preset.answer == "judge":
-            raise ValueError(f"preset {self.preset.name!r} is a judge preset; use it in the judge stage")
-        self.backend = make_backend(self.config.llm)
-        log.info("fuse: preset %s with %s/%s", self.preset.prompt_id, self.backend.name, self.backend.model_id)
-
-    def teardown(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
+    def check_preset(self, preset: Preset) -> None:
+        if preset.answer == "judge":
+            raise ValueError(f"preset {preset.name!r} is a judge preset; use it in the judge stage")
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
         assert self.preset is not None and self.backend is not None, "setup() first"

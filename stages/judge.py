@@ -16,11 +16,10 @@ import logging
 from typing import Any
 
 from pipeline.config import JudgeConfig
-from pipeline.stage import Resources, Row, Stage, StageContext
+from pipeline.stage import Row
 from schemas.llm import JudgeAnswer
-from stages._llm import LLMBackend, make_backend
-from stages._prompts import INJECTION_FLAG, JUDGE_KIND, Outcome, Preset, Rendered, ask_structured, load_preset, render, signals_from_row
-from stages.fuse import FALLBACK_MODEL, _caption, llm_resources, provenance
+from stages._prompts import INJECTION_FLAG, JUDGE_KIND, Outcome, Preset, Rendered, ask_structured, render, signals_from_row
+from stages.fuse import FALLBACK_MODEL, LLMStage, _caption, provenance
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +28,7 @@ LOW_SCORE_REASON = "low_judge_score"
 INJECTION_REASON = "suspected_injection"
 
 
-class JudgeStage(Stage[JudgeConfig]):
+class JudgeStage(LLMStage[JudgeConfig]):
     name = "judge"
     reads = (
         "caption",
@@ -45,32 +44,10 @@ class JudgeStage(Stage[JudgeConfig]):
         "llm_flags",
     )
     writes = ("scores", "captions", "llm_flags", "drop_reason")
-    stateful = True
 
-    def __init__(self, config: JudgeConfig, context: StageContext | None = None) -> None:
-        super().__init__(config, context)
-        self.preset: Preset | None = None
-        self.backend: LLMBackend | None = None
-
-    @property
-    def resources(self) -> Resources:
-        return llm_resources(self.config)
-
-    @property
-    def batch_size(self) -> int:
-        return self.config.batch_size
-
-    def setup(self) -> None:
-        self.preset = load_preset(self.config.preset, self.config.prompts_dir)
-        if self.preset.answer != "judge":
-            raise ValueError(f"preset {self.preset.name!r} answers {self.preset.answer!r}, not a judge verdict")
-        self.backend = make_backend(self.config.llm)
-        log.info("judge: preset %s with %s/%s", self.preset.prompt_id, self.backend.name, self.backend.model_id)
-
-    def teardown(self) -> None:
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
+    def check_preset(self, preset: Preset) -> None:
+        if preset.answer != "judge":
+            raise ValueError(f"preset {preset.name!r} answers {preset.answer!r}, not a judge verdict")
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
         assert self.preset is not None and self.backend is not None, "setup() first"

@@ -85,8 +85,7 @@ def scripted_stage(
     monkeypatch: pytest.MonkeyPatch, answer: Answerer, *, judge: bool = False, **cfg: Any
 ) -> tuple[Any, ScriptedBackend]:
     backend = ScriptedBackend(answer)
-    module = judge_module if judge else fuse_module
-    monkeypatch.setattr(module, "make_backend", lambda _cfg: backend)
+    monkeypatch.setattr(fuse_module, "make_backend", lambda _cfg: backend)  # LLMStage.setup, both stages
     stage = judge_module.JudgeStage(JudgeConfig(**cfg)) if judge else FuseStage(FuseConfig(**cfg))
     stage.setup()
     return stage, backend
