@@ -136,7 +136,10 @@ def apply_stage(stage: Stage, rows: list[Row]) -> list[Row]:
             continue
         try:
             if stage.fan_out:
-                out.extend(_with_update(stage, timed, child) for child in result)
+                children = list(result)
+                if children:  # the parent's time is shared by its children: sums stay true
+                    timed["timings"] = [{**t, "seconds": t["seconds"] / len(children)} for t in timed["timings"]]
+                out.extend(_with_update(stage, timed, child) for child in children)
             else:
                 out.append(_with_update(stage, timed, result))
         except Exception as exc:  # noqa: BLE001 - a broken stage result still becomes data

@@ -140,3 +140,30 @@ def test_nothing_active_means_no_call() -> None:
     stage = _Probe(_Cfg())
     assert apply_stage(stage, rows) == rows
     assert stage.calls == []
+
+
+class _Split3(Stage[_Cfg]):
+    """A fan-out stage: three children per row, after a short sleep."""
+
+    name: ClassVar[str] = "split3"
+    fan_out: ClassVar[bool] = True
+    reads: ClassVar[tuple[str, ...]] = ("n",)
+    writes: ClassVar[tuple[str, ...]] = ("key",)
+
+    def process_batch(self, rows: list[Row]) -> list[Any]:
+        import time
+
+        time.sleep(0.05)
+        return [[{"key": f"{r['key']}_{i}"} for i in range(3)] for r in rows]
+
+
+def test_fan_out_shares_time_so_stage_sums_stay_true() -> None:
+    rows = [{**r, "timings": [{"stage": "download", "seconds": 0.9}]} for r in _rows(2)]
+    out = apply_stage(_Split3(_Cfg()), rows)
+    assert len(out) == 6
+    total: dict[str, float] = {}
+    for r in out:
+        for t in r["timings"]:
+            total[t["stage"]] = total.get(t["stage"], 0.0) + t["seconds"]
+    assert total["download"] == pytest.approx(1.8)  # counted once per parent, not once per clip
+    assert 0.05 <= total["split3"] < 0.5
