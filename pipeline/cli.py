@@ -47,7 +47,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_samples(args: argparse.Namespace) -> int:
     from pipeline.samples import generate_corpus
 
-    videos = generate_corpus(Path(args.dir), count=args.count, seed=args.seed, duration=args.duration)
+    from pipeline.bench import parse_size
+
+    try:
+        width, height = parse_size(args.size)
+    except ValueError as exc:
+        raise SystemExit(f"avforge samples: {exc}") from None
+    videos = generate_corpus(
+        Path(args.dir), count=args.count, seed=args.seed, duration=args.duration, width=width, height=height
+    )
     out = Path(args.dir)
     if args.base_url:
         base = args.base_url.rstrip("/")
@@ -90,9 +98,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import format_table, run_bench
+    from pipeline.bench import format_table, parse_size, run_bench
 
-    results = run_bench(Path(args.workdir), count=args.count, scales=args.scales, backend=args.backend)
+    try:
+        size = parse_size(args.size)
+    except ValueError as exc:
+        raise SystemExit(f"avforge bench: {exc}") from None
+    results = run_bench(
+        Path(args.workdir), count=args.count, scales=args.scales, backend=args.backend, size=size, overrides=args.set
+    )
     print(format_table(results))
     print(f"full results: {Path(args.workdir) / 'bench.json'}")
     return 0
@@ -135,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     samples.add_argument("--count", type=int, default=6)
     samples.add_argument("--seed", type=int, default=0)
     samples.add_argument("--duration", type=float, default=8.0, help="typical video length in seconds")
+    samples.add_argument("--size", default="320x240", help="frame size, WxH (even numbers)")
     samples.add_argument("--base-url", help="also write urls.txt with this URL prefix (for serving over HTTP)")
     samples.set_defaults(func=_cmd_samples)
 
@@ -151,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--count", type=int, default=8, help="videos in the 1x corpus")
     bench.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     bench.add_argument("--backend", choices=["ray", "sequential"], default="ray")
+    bench.add_argument("--size", default="1280x720", help="frame size of the generated corpus, WxH")
+    bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the timed runs")
     bench.set_defaults(func=_cmd_bench)
 
     inspect = sub.add_parser("inspect", help="summarise an output folder or a shard tar, with a few samples")

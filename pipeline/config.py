@@ -71,6 +71,14 @@ class ExtractConfig(Section):
     jpeg_quality: int = Field(90, ge=10, le=100)
     write_clip_mp4: bool = False
     analysis_fps: float = Field(4.0, gt=0, description="frames/s sampled for black/frozen signals")
+    decode_threads: int = Field(
+        1, ge=0, description="decoder threads per video (0: ffmpeg's choice); the runner already runs a task per core"
+    )
+    skip_nonref_frames: bool = Field(
+        True,
+        description="do not decode frames no other frame references (B-frames: ~30% less h264 decode work); "
+        "saved frames and analysis thumbnails are then the decoded frames nearest their target times",
+    )
     silence_db: float = Field(-50.0, description="50 ms windows below this RMS (dBFS) count as silent")
     batch_size: int = Field(16, ge=1)
 

@@ -554,11 +554,14 @@ def synth_video(
     return sample
 
 
-def generate_corpus(out_dir: Path, count: int = 6, seed: int = 0, duration: float = 8.0) -> list[SampleVideo]:
+def generate_corpus(
+    out_dir: Path, count: int = 6, seed: int = 0, duration: float = 8.0, width: int = 320, height: int = 240
+) -> list[SampleVideo]:
     """Write ``count`` varied samples ``out_dir/sample_{i:03d}.mp4`` plus manifest.jsonl and inputs.txt.
 
     Durations vary between 0.75x and 1.75x ``duration`` (6-14 s for 8 s), with 2-5 scenes, one
-    sentence per ~3.5 s, and a melody bed on every third video. Deterministic for ``seed``.
+    sentence per ~3.5 s, and a melody bed on every third video; frames are ``width`` x ``height``.
+    Deterministic for ``seed``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -577,6 +580,8 @@ def generate_corpus(out_dir: Path, count: int = 6, seed: int = 0, duration: floa
             speech=speech,
             seed=seed * 100_003 + i,
             music=(i % 3 == 2),
+            width=width,
+            height=height,
         )
         samples.append(sample)
         logger.info("corpus %d/%d: %s (%.2f s, %d scenes, %d sentences)", i + 1, count, sample.path.name,

@@ -19,7 +19,7 @@ from pipeline.config import DownloadConfig
 from pipeline.errors import StageError
 from pipeline import storage
 from pipeline.security import BLOCKED_MARK, address_guard, check_host, redact_text
-from pipeline.stage import Resources, Row, Stage, per_row
+from pipeline.stage import Resources, Row, Stage, StageContext, per_row
 from pipeline.storage import StagingArea
 from stages._media import probe
 
@@ -119,6 +119,22 @@ class DownloadStage(Stage[DownloadConfig]):
     def process_batch(self, rows: list[Row]) -> list[Any]:
         return per_row(self._one, rows)
 
+    def __init__(self, config: DownloadConfig, context: StageContext | None = None) -> None:
+        super().__init__(config, context)
+        self._client: tuple[Any, _YtdlpLogger] | None = None  # (YoutubeDL, its logger), per process
+        self._started = 0.0  # when the current download began (max_download_seconds)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}  # sockets and locks: each process builds its own
+
+    def setup(self) -> None:
+        self._ydl()
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            self._client[0].close()
+            self._client = None
+
     # ------------------------------------------------------------------ one input
 
     def _one(self, row: Row) -> dict[str, Any]:
@@ -133,13 +149,13 @@ class DownloadStage(Stage[DownloadConfig]):
             path = self._local_path(url)
             title = path.stem
         try:
-            self._check_media(path)
+            duration = self._check_media(path)
         except StageError:
             if self._staged(path):
                 path.unlink(missing_ok=True)
             raise
         local_path = self.staging.publish(f"videos/{path.name}") if self._staged(path) else str(path)
-        return {"local_path": local_path, "title": title, "video_duration": probe(path).duration}
+        return {"local_path": local_path, "title": title, "video_duration": duration}
 
     @property
     def staging(self) -> StagingArea:
@@ -163,7 +179,8 @@ class DownloadStage(Stage[DownloadConfig]):
         storage.get_file(url, target)
         return target
 
-    def _check_media(self, path: Path) -> None:
+    def _check_media(self, path: Path) -> float:
+        """Check size, duration and height caps; return the duration."""
         self._check_size(path)
         info = probe(path)
         cap = self.config.max_duration_seconds
@@ -172,6 +189,7 @@ class DownloadStage(Stage[DownloadConfig]):
         max_h = self.config.max_source_height
         if max_h is not None and info.height is not None and info.height > max_h:
             raise StageError(f"video is {info.height}px tall, over max_source_height={max_h}", "too_large")
+        return info.duration
 
     def preflight(self, url: str) -> None:
         """The checks a download makes before fetching anything (used by ``--dry-run``)."""
@@ -246,7 +264,7 @@ class DownloadStage(Stage[DownloadConfig]):
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _ytdlp_options(self, url: str, target_dir: Path, video_id: str, logger: _YtdlpLogger) -> dict[str, Any]:
+    def _ytdlp_options(self, target_dir: Path, logger: _YtdlpLogger) -> dict[str, Any]:
         from yt_dlp.utils import parse_bytes
 
         cfg = self.config
@@ -255,7 +273,8 @@ class DownloadStage(Stage[DownloadConfig]):
             f"bv*[height<={height}]+ba/b[height<={height}]/bv*+ba/b" if height else "bv*+ba/b"
         )
         opts: dict[str, Any] = {
-            "outtmpl": str(target_dir / f"{video_id}.%(ext)s"),
+            # the file is named by the row's video_id, passed per call as extra info
+            "outtmpl": str(target_dir / "%(avforge_id)s.%(ext)s"),
             "format": fmt,
             "merge_output_format": "mp4",
             "noplaylist": True,
@@ -269,9 +288,6 @@ class DownloadStage(Stage[DownloadConfig]):
             "overwrites": True,
             "continuedl": False,
             "cachedir": False,
-            # A direct link to a media file needs no site extractor: skip matching ~1800 of them
-            # (about 1 s of regex compilation in each new worker process).
-            "force_generic_extractor": Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES,
         }
         if cfg.max_filesize_mb is not None:
             opts["max_filesize"] = int(cfg.max_filesize_mb * 1024 * 1024)
@@ -289,33 +305,46 @@ class DownloadStage(Stage[DownloadConfig]):
                 return f"duration {d}s exceeds {cap}s" if d and d > cap else None
 
             opts["match_filter"] = _duration_filter
-        opts["progress_hooks"] = [self._cap_hook()]
+        opts["progress_hooks"] = [self._cap_hook]
         return opts
 
-    def _cap_hook(self) -> Any:
+    def _ydl(self) -> tuple[Any, _YtdlpLogger]:
+        """This stage's YoutubeDL, built once per process: building one costs ~45 ms of CPU
+        (option parsing, ~1,800 extractor entries, a TLS context), as much as a small download.
+        Rows are fetched one at a time; per-call state (log notes, cap clock) is reset per call."""
+        if self._client is None:
+            import yt_dlp
+
+            logger = _YtdlpLogger()
+            ydl = yt_dlp.YoutubeDL(self._ytdlp_options(self.staging.root / "videos", logger))
+            self._client = (ydl, logger)
+        return self._client
+
+    def _cap_hook(self, status: dict[str, Any]) -> None:
         """Abort endless or oversized streams (no Content-Length) and downloads that take too long."""
-        max_bytes = None if self.config.max_filesize_mb is None else self.config.max_filesize_mb * 1024 * 1024
-        max_seconds = self.config.max_download_seconds
-        started = time.monotonic()
-
-        def hook(status: dict[str, Any]) -> None:
-            got = status.get("downloaded_bytes") or 0
-            if max_bytes is not None and got > max_bytes:
-                raise _CapExceeded(f"{CAP_MARK}: {got} bytes received, over max_filesize_mb")
-            if max_seconds is not None and time.monotonic() - started > max_seconds:
-                raise _CapExceeded(f"{CAP_MARK}: still downloading after max_download_seconds={max_seconds}")
-
-        return hook
+        cfg = self.config
+        got = status.get("downloaded_bytes") or 0
+        if cfg.max_filesize_mb is not None and got > cfg.max_filesize_mb * 1024 * 1024:
+            raise _CapExceeded(f"{CAP_MARK}: {got} bytes received, over max_filesize_mb")
+        limit = cfg.max_download_seconds
+        if limit is not None and time.monotonic() - self._started > limit:
+            raise _CapExceeded(f"{CAP_MARK}: still downloading after max_download_seconds={limit}")
 
     def _fetch(self, url: str, video_id: str, target_dir: Path) -> tuple[Path, str | None]:
         import yt_dlp
 
-        logger = _YtdlpLogger()
+        ydl, logger = self._ydl()
+        logger.notes.clear()
+        self._started = time.monotonic()
         cfg = self.config
+        # A direct link to a media file needs no site extractor: skip matching ~1800 of them
+        # (about 1 s of regex compilation in each new worker process).
+        generic = Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES
         try:
             with address_guard(cfg.allow_private_addresses, cfg.allowed_hosts):
-                with yt_dlp.YoutubeDL(self._ytdlp_options(url, target_dir, video_id, logger)) as ydl:
-                    info = ydl.extract_info(url, download=True)
+                info = ydl.extract_info(
+                    url, download=True, force_generic_extractor=generic, extra_info={"avforge_id": video_id}
+                )
         except yt_dlp.utils.DownloadError as exc:
             raise classify_download_error(str(exc)) from None
         except (OSError, _CapExceeded) as exc:

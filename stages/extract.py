@@ -177,7 +177,11 @@ class ExtractStage(Stage[ExtractConfig]):
             vs = container.streams.video[0] if want_video and container.streams.video else None
             aus = container.streams.audio[0] if want_audio and container.streams.audio else None
             if vs is not None:
-                vs.thread_type = "AUTO"
+                vs.codec_context.thread_count = cfg.decode_threads
+                if cfg.decode_threads != 1:
+                    vs.thread_type = "AUTO"
+                if cfg.skip_nonref_frames:
+                    vs.codec_context.skip_frame = "NONREF"
             if t0 > 0.5:
                 container.seek(int(t0 * av.time_base), backward=True)
             streams = [s for s in (vs, aus) if s is not None]
@@ -250,6 +254,8 @@ class _VideoPicker:
         self.step = 1.0 / cfg.analysis_fps
         self.next_probe = t0
         self.size: tuple[int, int] | None = None
+        self.prev: tuple[av.VideoFrame, float] | None = None  # the last decoded frame and its time
+        self.max_gap = 4 * self.half_frame  # how far past the last decoded frame a target may be
 
     def feed(self, frame: av.VideoFrame, t1: float) -> None:
         t = frame.time
@@ -259,10 +265,16 @@ class _VideoPicker:
         if t >= t1 + self.half_frame:
             self.done = True
             return
+        prev = self.prev
         while self.next_target < len(self.targets) and self.targets[self.next_target][0] <= t + self.half_frame:
             target, ci, fi = self.targets[self.next_target]
             self.next_target += 1
-            self._save(frame, self.work[ci], fi, t)
+            # the nearest decoded frame: with non-reference frames skipped, frames can be 2-3 apart
+            if prev is not None and target - prev[1] < t - target and self.work[ci].start - self.half_frame <= prev[1]:
+                self._save(prev[0], self.work[ci], fi, prev[1])
+            else:
+                self._save(frame, self.work[ci], fi, t)
+        self.prev = (frame, t)
         if t + self.half_frame >= self.next_probe:
             thumb = frame.reformat(width=THUMB, height=THUMB, format="gray").to_ndarray().astype(np.float32)
             for w in self.work:
@@ -281,8 +293,17 @@ class _VideoPicker:
         w.frame_times[index] = t
 
     def finish(self) -> None:
-        """Nothing to flush: targets past the last decodable frame stay missing and
+        """Targets up to two frames past the last decoded frame take that frame (the stream's
+        last frames may be skipped non-reference ones); targets further out stay missing and
         ``ExtractStage._finish`` reports those clips as damaged."""
+        if self.prev is None:
+            return
+        frame, t = self.prev
+        while self.next_target < len(self.targets) and self.targets[self.next_target][0] <= t + self.max_gap:
+            target, ci, fi = self.targets[self.next_target]
+            self.next_target += 1
+            if self.work[ci].start - self.half_frame <= t:
+                self._save(frame, self.work[ci], fi, t)
 
 
 class _AudioCollector:

@@ -118,3 +118,31 @@ def test_optional_clip_mp4(corpus_dir: Path, tmp_path: Path) -> None:
     with av.open(res["clip_uri"]) as c:
         dur = c.duration / av.time_base
     assert abs(dur - (rows[0]["clip_end"] - rows[0]["clip_start"])) < 0.15
+
+
+def test_skipping_nonref_frames_keeps_frames_near_targets(corpus_dir: Path, tmp_path: Path) -> None:
+    """Without B-frames decoded, saved frames are the nearest decoded ones: within two frames."""
+    sample = json.loads((corpus_dir / "manifest.jsonl").read_text().splitlines()[1])
+    path = corpus_dir / sample["path"]
+
+    def decoded(skip: str) -> int:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            s.codec_context.skip_frame = skip
+            return sum(1 for _ in c.decode(s))
+
+    assert decoded("NONREF") < 0.8 * decoded("DEFAULT")  # the sample has B-frames to skip
+    rows = _clips(path, tmp_path)
+    runs = {}
+    for skip in (True, False):
+        cfg = ExtractConfig(frames_per_clip=6, skip_nonref_frames=skip)
+        runs[skip] = ExtractStage(cfg, StageContext(str(tmp_path / str(skip)))).process_batch(rows)
+    frame = 1 / 25
+    for row, fast, exact in zip(rows, runs[True], runs[False]):
+        assert not isinstance(fast, Exception) and not isinstance(exact, Exception)
+        assert len(fast["frame_times"]) == len(exact["frame_times"]) == 6
+        for a, b in zip(fast["frame_times"], exact["frame_times"]):
+            assert abs(a - b) <= 2 * frame + 1e-6
+            assert row["clip_start"] - frame / 2 <= a <= row["clip_end"]
+        assert abs(fast["brightness"] - exact["brightness"]) < 0.02
+        assert fast["frozen_ratio"] == pytest.approx(exact["frozen_ratio"], abs=0.1)
