@@ -107,6 +107,14 @@ class DownloadStage(Stage[DownloadConfig]):
     reads = ("video_id", "source_url")
     writes = ("local_path", "title", "video_duration")
 
+    def __init__(self, config: DownloadConfig, context: StageContext | None = None) -> None:
+        super().__init__(config, context)
+        self._client: tuple[Any, _YtdlpLogger] | None = None  # (YoutubeDL, its logger), per process
+        self._started = 0.0  # when the current download began (max_download_seconds)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}  # sockets and locks: each process builds its own
+
     @property
     def resources(self) -> Resources:
         # I/O bound: a fraction of a CPU each, bounded concurrency.
@@ -118,14 +126,6 @@ class DownloadStage(Stage[DownloadConfig]):
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
         return per_row(self._one, rows)
-
-    def __init__(self, config: DownloadConfig, context: StageContext | None = None) -> None:
-        super().__init__(config, context)
-        self._client: tuple[Any, _YtdlpLogger] | None = None  # (YoutubeDL, its logger), per process
-        self._started = 0.0  # when the current download began (max_download_seconds)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}  # sockets and locks: each process builds its own
 
     def setup(self) -> None:
         self._ydl()
