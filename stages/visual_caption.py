@@ -16,8 +16,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.config import VisualCaptionConfig
 from pipeline.errors import StageError
@@ -25,6 +26,8 @@ from pipeline.stage import PooledStage, Row
 from pipeline.storage import read_bytes
 from schemas.records import Caption
 from stages.visual_tags import load_image, pick_evenly, resolve_device
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -83,20 +86,7 @@ class VisualCaptionStage(PooledStage[VisualCaptionConfig]):
 
     def _transformers_batch(self, rows: list[Row]) -> list[Any]:
         c = self.config
-        results: list[Any] = [None] * len(rows)
-        images: list[Image.Image] = []
-        owners: list[int] = []
-        for i, row in enumerate(rows):
-            uris = row.get("frame_uris") or []
-            if not uris:
-                results[i] = StageError("clip has no frames to caption", "no_frames")
-                continue
-            try:
-                images.append(load_image(uris[len(uris) // 2]))
-            except StageError as exc:
-                results[i] = exc
-                continue
-            owners.append(i)
+        results, images, owners = _per_clip(rows, lambda uris: load_image(uris[len(uris) // 2]))
         if not images:
             return results
         texts = self.caption_images(images)
@@ -130,20 +120,7 @@ class VisualCaptionStage(PooledStage[VisualCaptionConfig]):
 
     def _llm_batch(self, rows: list[Row]) -> list[Any]:
         c = self.config
-        results: list[Any] = [None] * len(rows)
-        requests: list[Any] = []
-        owners: list[int] = []
-        for i, row in enumerate(rows):
-            uris = row.get("frame_uris") or []
-            if not uris:
-                results[i] = StageError("clip has no frames to caption", "no_frames")
-                continue
-            try:
-                requests.append(self.vlm_request(uris))
-            except StageError as exc:
-                results[i] = exc
-                continue
-            owners.append(i)
+        results, requests, owners = _per_clip(rows, self.vlm_request)
         if not requests:
             return results
         answers = self.llm.chat(requests)
@@ -170,6 +147,26 @@ class VisualCaptionStage(PooledStage[VisualCaptionConfig]):
         if self.config.backend == "llm":
             return self._llm_batch(rows)
         return self._transformers_batch(rows)
+
+
+def _per_clip(rows: list[Row], build: Callable[[list[str]], T]) -> tuple[list[Any], list[T], list[int]]:
+    """One captioner input per clip, built by ``build`` from its frame URIs: (results with the
+    errors of clips without frames or whose input failed, the inputs, the row index of each)."""
+    results: list[Any] = [None] * len(rows)
+    inputs: list[T] = []
+    owners: list[int] = []
+    for i, row in enumerate(rows):
+        uris = row.get("frame_uris") or []
+        if not uris:
+            results[i] = StageError("clip has no frames to caption", "no_frames")
+            continue
+        try:
+            inputs.append(build(uris))
+        except StageError as exc:
+            results[i] = exc
+            continue
+        owners.append(i)
+    return results, inputs, owners
 
 
 # --------------------------------------------------------------------------- tiny models for tests
