@@ -504,3 +504,25 @@ def _shift(seg: Segment, offset: float) -> Segment:
         compression_ratio=seg.compression_ratio,
         words=[Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability) for w in seg.words],
     )
+
+
+def save_tiny_openai_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write a tiny randomly initialised openai-whisper checkpoint (multilingual vocabulary) to
+    ``path``; loadable with ``AsrConfig(backend="openai-whisper", model=str(path))``. Nothing is
+    downloaded; its transcripts are random tokens."""
+    from dataclasses import asdict
+
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    dims = ModelDimensions(
+        n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
+        n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Whisper(dims)
+    with torch.no_grad():
+        model.decoder.positional_embedding.normal_(0, 0.01)  # torch.empty in the model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path

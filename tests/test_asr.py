@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ from pipeline.samples import synth_speech_wav, synth_video
 from schemas.records import Segment
 from stages._hallucination import judge, longest_repeat, normalize
 from stages._vad import SileroVad, load_audio
-from stages._whisper import encoded_subset, plan_windows
+from stages._whisper import encoded_subset, plan_windows, save_tiny_openai_checkpoint
 from stages.asr import AsrStage
 from stages.extract import write_flac
+from tests.bench.asr_bench import wer
 
 SENTENCES = [
     "First, measure the length of the board and mark it with a pencil.",
@@ -38,20 +38,6 @@ SENTENCES = [
     "Mix the blue and yellow paint to get a soft shade of green.",
     "Lower the sail and steer the boat into the wind.",
 ]
-
-
-def wer(refs: list[str], hyps: list[str | None]) -> float:
-    errors = words = 0
-    for ref, hyp in zip(refs, hyps, strict=True):
-        r, h = normalize(ref).split(), normalize(hyp or "").split()
-        d = list(range(len(h) + 1))
-        for i in range(1, len(r) + 1):
-            prev, d[0] = d[0], i
-            for j in range(1, len(h) + 1):
-                prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-        errors += d[len(h)]
-        words += len(r)
-    return errors / words
 
 
 def _ffmpeg(*args: str) -> None:
@@ -177,20 +163,9 @@ def test_long_clip_is_cut_in_silence_and_times_are_offset(tmp_path: Path, media:
 
 
 def test_openai_whisper_backend_with_tiny_random_checkpoint(tmp_path: Path, media: dict[str, Path]) -> None:
-    import torch
     import whisper
-    from whisper.model import ModelDimensions, Whisper
 
-    dims = ModelDimensions(
-        n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
-        n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Whisper(dims)
-    with torch.no_grad():
-        model.decoder.positional_embedding.normal_(0, 0.01)  # torch.empty in the model
-    path = tmp_path / "tiny-random.pt"
-    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    path = save_tiny_openai_checkpoint(tmp_path / "tiny-random.pt")
     stage = AsrStage(AsrConfig(backend="openai-whisper", model=str(path), beam_size=1))
     stage.setup()
     out = stage.process_batch(_rows(media, ["s0", "s1", "silence"]))

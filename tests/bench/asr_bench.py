@@ -59,10 +59,11 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def wer(refs: list[str], hyps: list[str]) -> float:
+def wer(refs: list[str], hyps: list[str | None]) -> float:
+    """Word error rate over all pairs (a missing hypothesis counts as empty)."""
     errors = words = 0
     for ref, hyp in zip(refs, hyps, strict=True):
-        r, h = normalize(ref).split(), normalize(hyp).split()
+        r, h = normalize(ref).split(), normalize(hyp or "").split()
         d = list(range(len(h) + 1))
         for i in range(1, len(r) + 1):
             prev, d[0] = d[0], i

@@ -28,7 +28,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,13 @@ import numpy as np  # noqa: E402
 from pipeline.config import AsrConfig  # noqa: E402
 from pipeline.samples import synth_speech_wav  # noqa: E402
 from stages._vad import load_audio  # noqa: E402
-from stages._whisper import FasterWhisperEngine, OpenAIWhisperEngine, encoded_subset, offline_base_dir  # noqa: E402
+from stages._whisper import (  # noqa: E402
+    FasterWhisperEngine,
+    OpenAIWhisperEngine,
+    encoded_subset,
+    offline_base_dir,
+    save_tiny_openai_checkpoint,
+)
 
 
 def tiny_ct2_model(root: Path) -> Path:
@@ -70,23 +75,6 @@ def tiny_ct2_model(root: Path) -> Path:
     meta["alignment_heads"] = model.generation_config.alignment_heads
     (ct2_dir / "config.json").write_text(json.dumps(meta))
     return ct2_dir
-
-
-def tiny_openai_checkpoint(root: Path) -> Path:
-    import torch
-    from whisper.model import ModelDimensions, Whisper
-
-    dims = ModelDimensions(
-        n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2, n_audio_layer=2,
-        n_vocab=51865, n_text_ctx=64, n_text_state=64, n_text_head=2, n_text_layer=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Whisper(dims)
-    with torch.no_grad():
-        model.decoder.positional_embedding.normal_(0, 0.01)
-    path = root / "openai-tiny.pt"
-    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
-    return path
 
 
 def cuda_memory() -> dict[str, float] | None:
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
         del fw
 
-        ckpt = tiny_openai_checkpoint(tmp)
+        ckpt = save_tiny_openai_checkpoint(tmp / "openai-tiny.pt")
         ow = OpenAIWhisperEngine(AsrConfig(backend="openai-whisper", model=str(ckpt), beam_size=1))
         ow.load()
         param = next(ow.model.parameters())
