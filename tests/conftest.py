@@ -51,3 +51,19 @@ def media_server(corpus_dir: Path, bad_dir: Path) -> Iterator[str]:
     }
     with serve_directory(corpus_dir, routes) as base:
         yield base
+
+
+@pytest.fixture(scope="session")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of the default stages over generated media (tests/test_data.py)."""
+    from tests.test_data import make_run
+
+    return make_run(tmp_path_factory, "plain")
+
+
+@pytest.fixture(scope="session")
+def enriched_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run whose clips carry every model field and outcome (tests/test_data.py)."""
+    from tests.test_data import make_run
+
+    return make_run(tmp_path_factory, "enriched")

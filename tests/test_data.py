@@ -1,6 +1,7 @@
 """The training loader (pipeline/data.py) on real runs of the pipeline over generated media.
 
-The runs here are shared with tests/test_inspect.py and tests/test_report.py (``make_run``):
+The runs here (``make_run``, behind the session fixtures ``plain_run`` and ``enriched_run`` in
+conftest.py) are shared with tests/test_inspect.py and tests/test_report.py:
 
 - ``plain``: the default stages, as a user runs them;
 - ``enriched``: the same plus ``EnrichStage`` (test-only), which fills every signal the model
@@ -121,13 +122,8 @@ class EnrichStage(Stage[QualityConfig]):
         return out
 
 
-_RUNS: dict[str, Path] = {}
-
-
 def make_run(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
-    """A finished run (``plain`` or ``enriched``), made once per test session."""
-    if kind in _RUNS:
-        return _RUNS[kind]
+    """A finished run (``plain`` or ``enriched``); the session fixtures in conftest.py call it once."""
     root = tmp_path_factory.mktemp(f"run-{kind}")
     count = 3 if kind == "plain" else 4
     generate_corpus(root / "corpus", count=count)
@@ -140,18 +136,7 @@ def make_run(tmp_path_factory: pytest.TempPathFactory, kind: str) -> Path:
 
             mp.setitem(registry.STAGES, "test_enrich", ("tests.test_data:EnrichStage", "quality"))
             run_pipeline(root / "corpus" / "inputs.txt", out, load_config(None, ENRICHED_OVERRIDES), backend="sequential")
-    _RUNS[kind] = out
     return out
-
-
-@pytest.fixture(scope="session")
-def enriched_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory, "enriched")
-
-
-@pytest.fixture(scope="session")
-def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory, "plain")
 
 
 def _ffmpeg_pcm(path: Path, rate: int) -> np.ndarray:

@@ -12,12 +12,6 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import AvforgeError
 from pipeline.inspect import describe, iter_samples
-from tests.test_data import make_run
-
-
-@pytest.fixture(scope="session")
-def enriched_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory, "enriched")
 
 
 def test_folder_summary(enriched_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

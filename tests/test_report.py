@@ -25,23 +25,12 @@ import pytest
 
 from pipeline.config import ReportConfig
 from pipeline.report import load_run, opus_data_uri, write_report
-from tests.test_data import make_run
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PLOT_IDS = (
     "durations", "caption-lengths", "words-captions", "words-transcripts", "languages", "speech-ratio", "audio-tags",
     "visual-tags", "scores", "signals", "drop-reasons", "errors", "duplicates",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def enriched_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory, "enriched")
-
-
-@pytest.fixture(scope="session")
-def plain_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_run(tmp_path_factory, "plain")
 
 
 # --------------------------------------------------------------------------- headless Chromium
