@@ -99,15 +99,6 @@ def _probe_seconds(paths: list[Path]) -> float:
     return sum(probe(p).duration for p in paths)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"1280x720"`` -> (1280, 720)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size must look like 1280x720, got {text!r}") from None
-    return w, h
-
-
 def _corpus(workdir: Path, count: int, size: tuple[int, int]) -> list[Path]:
     """The bench corpus for ``count`` and ``size``, generated once and reused."""
     corpus = workdir / f"corpus_{size[0]}x{size[1]}"

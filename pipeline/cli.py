@@ -45,9 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_samples(args: argparse.Namespace) -> int:
-    from pipeline.samples import generate_corpus
-
-    from pipeline.bench import parse_size
+    from pipeline.samples import generate_corpus, parse_size
 
     try:
         width, height = parse_size(args.size)
@@ -98,7 +96,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import format_table, parse_size, run_bench
+    from pipeline.bench import format_table, run_bench
+    from pipeline.samples import parse_size
 
     try:
         size = parse_size(args.size)

@@ -554,6 +554,15 @@ def synth_video(
     return sample
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``"1280x720"`` -> (1280, 720)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 1280x720, got {text!r}") from None
+    return w, h
+
+
 def generate_corpus(
     out_dir: Path, count: int = 6, seed: int = 0, duration: float = 8.0, width: int = 320, height: int = 240
 ) -> list[SampleVideo]:

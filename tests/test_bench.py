@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import format_table, parse_size, run_bench
+from pipeline.bench import format_table, run_bench
+from pipeline.samples import parse_size
 
 
 def test_parse_size() -> None:
