@@ -1,19 +1,43 @@
 """Ingest: read the input LIST into video rows.
 
 LIST is a ``.txt`` (one URL or path a line; blank lines and ``#`` comments ignored), ``.csv``,
-``.jsonl`` or ``.parquet`` file with a ``url`` column, an optional ``id`` column and any other
-columns, which are carried through to the shard JSON as ``metadata``.
+``.tsv``, ``.jsonl`` or ``.parquet`` file with a ``url`` column, an optional ``id`` column and any
+other columns, which are carried through to the shard JSON as ``metadata``.
 
-Bad lines do not stop the job: each becomes an error row (``error_stage='ingest'``).
+Text LISTs may be UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32 with a byte-order
+mark (what "Unicode text" exports of spreadsheets and Windows editors write), with LF, CRLF or CR
+line ends. A CSV may use ``,``, ``;``, tab or ``|`` as delimiter (sniffed from the header), and its
+``url`` / ``id`` headers match case-insensitively.
+
+Bad lines do not stop the job: each becomes an error row (``error_stage='ingest'``): a line that
+is not valid UTF-8, holds a NUL byte, is too long, names a file that does not exist or whose name
+is longer than the file system allows, and so on. Only a LIST that cannot be read at all raises
+:class:`~pipeline.errors.InputListError`.
+
+The module is built from per-record functions so that a distributed reader can call them on
+slices of the LIST (see :func:`iter_records`, :func:`record_to_row`, :func:`mark_duplicates`):
+
+* ``decode_list_bytes(data) -> str``: the LIST's text; undecodable bytes survive as lone
+  surrogates, so one bad line is found and reported by the per-line step, not the whole file;
+* ``parse_text_line(line, lineno)`` / ``parse_jsonl_line(line, lineno)`` -> a record dict or
+  ``None`` (blank or comment); a record carrying ``_error`` becomes an error row;
+* ``record_to_row(record, index) -> Row``: a video row or an ingest error row (never raises);
+* ``mark_duplicates(rows, seen)``: turns repeats of an earlier ``video_id`` into error rows.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import errno
 import hashlib
+import io
 import json
 import logging
+import math
+import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,10 +51,24 @@ log = logging.getLogger(__name__)
 
 URL_SCHEMES = ("http", "https", "file", "s3", "gs", "gcs", "az", "abfs", "ftp")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+#: longest accepted URL or path line, in characters (browsers and servers stop near 8 KiB)
+MAX_URL_CHARS = 8192
+#: how much of an unusable line an error row keeps (the line number identifies it anyway)
+_SHOWN_CHARS = 512
+_NAME_MAX = 255  # bytes per path component on common file systems
+_PATH_MAX = 4096  # bytes per path on Linux
+_BOMS: tuple[tuple[bytes, str], ...] = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),  # before UTF-16 LE: it starts with the same two bytes
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 def _digest(text: str, n: int = 10) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:n]
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:n]
 
 
 def make_video_id(url: str, given_id: str | None = None) -> str:
@@ -46,56 +84,294 @@ def make_video_id(url: str, given_id: str | None = None) -> str:
         if safe == raw:
             return safe
         return f"{safe[:48] or 'id'}-{_digest(raw, 8)}"
-    stem = Path(urlparse(url).path).stem or "video"
+    try:
+        stem = Path(urlparse(url).path).stem or "video"
+    except ValueError:  # e.g. an invalid IPv6 netloc
+        stem = "video"
     return f"{_SAFE.sub('_', stem).strip('_')[:40] or 'video'}-{_digest(url)}"
 
 
 def _is_url(text: str) -> bool:
-    parsed = urlparse(text)
+    try:
+        parsed = urlparse(text)
+    except ValueError:
+        return False
     return parsed.scheme.lower() in URL_SCHEMES and bool(parsed.netloc or parsed.path)
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_list_bytes(data: bytes) -> str:
+    """Decode a LIST file: honour a UTF-8/16/32 byte-order mark, guess BOM-less UTF-16 from its
+    NUL bytes, else UTF-8. Undecodable bytes become lone surrogates (``surrogateescape``) that
+    :func:`_unusable` reports line by line; the BOM itself is dropped."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            return data[len(bom) :].decode(encoding, "surrogateescape" if encoding == "utf-8" else "replace")
+    if len(data) >= 4 and b"\0" in data[:512]:
+        head = data[:512]
+        even, odd = head[0::2], head[1::2]
+        if odd.count(0) > len(odd) * 0.6 and even.count(0) < len(even) * 0.1:
+            return data.decode("utf-16-le", "replace")
+        if even.count(0) > len(even) * 0.6 and odd.count(0) < len(odd) * 0.1:
+            return data.decode("utf-16-be", "replace")
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _printable(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """``text`` made storable (valid UTF-8, no NUL) and short, for error rows."""
+    text = _SURROGATE.sub("\ufffd", text).replace("\0", "\\0")
+    return text if len(text) <= limit else text[:limit] + f"…(+{len(text) - limit} chars)"
+
+
+def _unusable(text: str, what: str) -> str | None:
+    """Why ``text`` (a URL/path or an id) cannot be used at all, or None."""
+    if _SURROGATE.search(text):
+        return f"{what} is not valid UTF-8"
+    if "\0" in text:
+        return f"{what} contains a NUL byte"
+    return None
+
+
+# ----------------------------------------------------------------------------- per-record parsing
+
+
+def parse_text_line(line: str, lineno: int) -> dict[str, Any] | None:
+    """One line of a ``.txt`` LIST -> a record, or None for a blank line or a ``#`` comment."""
+    text = line.strip()
+    if not text or text.startswith("#"):
+        return None
+    problem = _unusable(text, f"line {lineno}")
+    return {"url": text, "_error": problem} if problem else {"url": text}
+
+
+def parse_jsonl_line(line: str, lineno: int) -> dict[str, Any] | None:
+    """One line of a ``.jsonl`` LIST -> a record (``_error`` set if unusable), or None if blank."""
+    if not line.strip():
+        return None
+    problem = _unusable(line, f"line {lineno}")
+    if problem:
+        return {"url": line.strip(), "_error": problem}
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        return {"url": line.strip(), "_error": f"line {lineno} is not JSON: {msg}"}
+    if not isinstance(obj, dict):
+        return {"url": "", "_error": f"line {lineno} is not an object"}
+    return normalize_record(obj)
+
+
+def normalize_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Column names trimmed (a stray BOM or spaces from a spreadsheet), ``url``/``id`` matched
+    case-insensitively. Other columns keep their names."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = str(key).lstrip("\ufeff").strip()
+        if name.lower() in ("url", "id") and name.lower() not in out:
+            name = name.lower()
+        out.setdefault(name, value)
+    return out
+
+
+def _normalize_header(fieldnames: list[str] | None) -> list[str] | None:
+    """CSV header names as :func:`normalize_record` names them (same count and order)."""
+    if fieldnames is None:
+        return None
+    names = [str(f).lstrip("\ufeff").strip() for f in fieldnames]
+    for wanted in ("url", "id"):
+        if wanted not in names:
+            match = next((i for i, n in enumerate(names) if n.lower() == wanted), None)
+            if match is not None:
+                names[match] = wanted
+    return names
+
+
+def _sniff_delimiter(header: str, default: str) -> str:
+    counts = {d: header.count(d) for d in (",", ";", "\t", "|")}
+    if counts[default]:
+        return default
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else default
+
+
+def _csv_records(text: str, path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
+    first = text.split("\n", 1)[0]
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(first, delimiter))
+    try:
+        fieldnames = _normalize_header(reader.fieldnames)
+    except csv.Error as exc:
+        raise InputListError(f"{path}: cannot read the CSV header: {exc}") from None
+    if fieldnames is None:
+        return
+    reader.fieldnames = fieldnames
+    if "url" not in fieldnames:
+        shown = [_printable(f, 40) for f in fieldnames[:20]]
+        raise InputListError(f"{path}: CSV needs a 'url' column, has {shown}")
+    lineno = 1
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a NUL byte or a field over the size limit
+            lineno = reader.line_num
+            yield {"url": "", "_error": f"CSV line {lineno}: {exc}"}
+            continue
+        lineno = reader.line_num
+        rec.pop(None, None)  # values beyond the header (ragged row)
+        # url and id must be exact; other columns are metadata: undecodable bytes become U+FFFD
+        problem = next((p for k in ("url", "id") if (p := _unusable(rec.get(k) or "", f"CSV line {lineno}: {k}"))), None)
+        if problem:
+            yield {"url": rec.get("url") or "", "_error": problem}
+        else:
+            yield dict(rec)
+
+
+def iter_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a local LIST file, in order; raises InputListError only if it is unreadable as a whole."""
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:
-                return []
-            if "url" not in reader.fieldnames:
-                raise InputListError(f"{path}: CSV needs a 'url' column, has {reader.fieldnames}")
-            return [dict(r) for r in reader]
-    if suffix in (".jsonl", ".ndjson"):
-        out: list[dict[str, Any]] = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                out.append({"url": line.strip(), "_error": f"line {n} is not JSON: {exc.msg}"})
-                continue
-            out.append(obj if isinstance(obj, dict) else {"url": "", "_error": f"line {n} is not an object"})
-        return out
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise InputListError(f"{path}: not a readable parquet file: {exc}") from None
+        table = table.rename_columns(_normalize_header(table.column_names) or [])
         if "url" not in table.column_names:
             raise InputListError(f"{path}: parquet needs a 'url' column, has {table.column_names}")
-        return table.to_pylist()
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [{"url": ln.strip()} for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+        for batch in table.to_batches():
+            yield from batch.to_pylist()
+        return
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputListError(f"cannot read input list {path}: {exc.strerror or exc}") from None
+    text = decode_list_bytes(data)
+    if suffix in (".csv", ".tsv"):
+        yield from _csv_records(text, path, "\t" if suffix == ".tsv" else ",")
+        return
+    parse = parse_jsonl_line if suffix in (".jsonl", ".ndjson") else parse_text_line
+    for lineno, line in enumerate(text.splitlines(), 1):
+        rec = parse(line, lineno)
+        if rec is not None:
+            yield rec
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _local_path_problem(text: str) -> tuple[str, str] | None:
+    """(error_type, message) if ``text`` cannot name an existing local file, else None.
+
+    Never raises: over-long names and paths (ENAMETOOLONG), NUL bytes and permission errors
+    become typed reasons."""
+    try:
+        encoded = os.fsencode(text)
+    except UnicodeError:
+        return "invalid_input", "path is not encodable on this file system"
+    if len(encoded) >= _PATH_MAX:
+        return "invalid_input", f"path is too long ({len(encoded)} bytes; the limit is {_PATH_MAX - 1})"
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > _NAME_MAX:
+        return "invalid_input", f"a file name in the path is too long ({longest} bytes; the limit is {_NAME_MAX})"
+    try:
+        path = Path(text).expanduser()
+        path.stat()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not_found", f"no such local file: {_printable(redact_url(text))!r}"
+        if exc.errno == errno.ENAMETOOLONG:
+            return "invalid_input", "path is too long for the file system"
+        return "invalid_input", f"cannot use local path {_printable(text)!r}: {exc.strerror or exc}"
+    except (ValueError, RuntimeError) as exc:  # embedded NUL, unresolvable ~user
+        return "invalid_input", f"cannot use local path {_printable(text)!r}: {exc}"
+    return None
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, str):
+        return _printable(value, 1 << 20) if _SURROGATE.search(value) or "\0" in value else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return str(value)
+
+
+def _looks_like_path(url: str) -> bool:
+    return bool(url) and not _is_url(url) and ("/" in url or bool(Path(url).suffix)) and " " not in url
+
+
+def record_to_row(record: dict[str, Any], index: int) -> Row:
+    """One LIST record -> a video row, or an ingest error row for a record that cannot be used.
+
+    Pure and per record (no duplicate check: see :func:`mark_duplicates`); never raises."""
+    rec = normalize_record(record)
+    url_value = rec.get("url")
+    url = "" if url_value is None else str(url_value).strip()
+    given = rec.get("id")
+    given_text = None if given is None or (isinstance(given, str) and not given.strip()) else str(given)
+    meta = {k: _jsonable(v) for k, v in rec.items() if k not in ("url", "id", "_error")}
+    problem: str | None = rec.get("_error")
+    kind = "invalid_input"
+    if problem is None and not url:
+        problem = "empty url"
+    if problem is None:
+        problem = _unusable(url, "url") or (_unusable(given_text, "id") if given_text else None)
+    if problem is None and len(url) > MAX_URL_CHARS:
+        problem = f"line is too long for a URL or path ({len(url)} characters; the limit is {MAX_URL_CHARS})"
+    if problem is None and not _is_url(url):
+        found = _local_path_problem(url)
+        if found is not None:
+            kind, problem = found
+            if kind == "not_found" and not _looks_like_path(url):
+                kind = "invalid_input"
+                problem = f"not a URL ({', '.join(URL_SCHEMES)}) and no such local file: {_printable(redact_url(url))!r}"
+    storable = url if problem is None else _printable(url)
+    if given_text is not None and _unusable(given_text, "id"):
+        given_text = _printable(given_text)
+    row: Row = {
+        "source_url": redact_url(storable),
+        "fetch_url": storable,
+        "input_index": index,
+        "metadata_json": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
+        "video_id": make_video_id(storable or f"line-{index}", given_text),
+    }
+    if problem is not None:
+        row.update({"error_stage": "ingest", "error_type": kind, "error": problem})
+    return row
+
+
+def mark_duplicates(rows: Iterable[Row], seen: dict[str, int] | None = None) -> Iterator[Row]:
+    """Rows in order; a usable row whose ``video_id`` an earlier row already has becomes an
+    ``ingest/duplicate_input`` error row with a distinct id. ``seen`` maps ids to input indexes
+    and may be shared across calls."""
+    seen = {} if seen is None else seen
+    for row in rows:
+        if row.get("error_stage"):
+            yield row
+            continue
+        vid, index = row["video_id"], row["input_index"]
+        first = seen.get(vid)
+        if first is None:
+            seen[vid] = index
+            yield row
+            continue
+        what = "url" if vid == make_video_id(row.get("fetch_url") or "") else "id"
+        yield {
+            **row,
+            "video_id": f"{vid}-dup{index}",
+            "error_stage": "ingest",
+            "error_type": "duplicate_input",
+            "error": f"same {what} as input line {first + 1}",
+        }
 
 
 def read_inputs(list_path: str | Path) -> list[Row]:
@@ -106,48 +382,12 @@ def read_inputs(list_path: str | Path) -> list[Row]:
         path = storage.localize(str(list_path))
     else:
         path = Path(list_path)
-    if not path.is_file():
-        raise InputListError(f"input list not found: {path}")
-    records = _read_records(path)
-    rows: list[Row] = []
-    seen: dict[str, int] = {}
-    for index, rec in enumerate(records):
-        url_value = rec.get("url")
-        url = "" if url_value is None else str(url_value).strip()
-        given = rec.get("id")
-        meta = {k: _jsonable(v) for k, v in rec.items() if k not in ("url", "id", "_error")}
-        row: Row = {
-            "source_url": redact_url(url),
-            "fetch_url": url,
-            "input_index": index,
-            "metadata_json": json.dumps(meta, ensure_ascii=False, sort_keys=True) if meta else None,
-        }
-        problem = rec.get("_error")
-        if problem is None and not url:
-            problem = "empty url"
-        if problem is None and not _is_url(url) and not Path(url).expanduser().exists():
-            problem = f"not a URL ({', '.join(URL_SCHEMES)}) and no such local file: {redact_url(url)!r}"
-        row["video_id"] = make_video_id(url or f"line-{index}", None if given is None else str(given))
-        if problem is not None:
-            kind = "invalid_input"
-            if url and not _is_url(url) and ("/" in url or Path(url).suffix) and " " not in url:
-                kind, problem = "not_found", f"no such local file: {redact_url(url)!r}"
-            rows.append({**row, "error_stage": "ingest", "error_type": kind, "error": problem})
-            continue
-        first = seen.get(row["video_id"])
-        if first is not None:
-            what = "id" if given is not None else "url"
-            rows.append(
-                {
-                    **row,
-                    "video_id": f"{row['video_id']}-dup{index}",
-                    "error_stage": "ingest",
-                    "error_type": "duplicate_input",
-                    "error": f"same {what} as input line {first + 1}",
-                }
-            )
-            continue
-        seen[row["video_id"]] = index
-        rows.append(row)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
+        raise InputListError(f"input list not found: {_printable(str(path), 300)}")
+    rows = list(mark_duplicates(record_to_row(rec, i) for i, rec in enumerate(iter_records(path))))
     log.info("ingest: %d inputs from %s (%d unusable)", len(rows), path, sum(1 for r in rows if r.get("error")))
     return rows
