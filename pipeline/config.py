@@ -143,8 +143,33 @@ class LLMStageConfig(Section):
     max_field_chars: int = Field(1500, ge=50, description="untrusted text (transcript, title ...) is clipped to this")
 
 
+class CaptionGroundingConfig(Section):
+    """Grounding check of every fused caption against the signals it was given (stages/_grounding.py)."""
+
+    mode: Literal["enforce", "flag", "off"] = Field(
+        "enforce",
+        description="enforce: an ungrounded caption is repaired, else retried once, else replaced by the "
+        "deterministic caption; flag: only scored and flagged; off: not checked",
+    )
+    min_share: float = Field(
+        0.8, ge=0, le=1, description="grounded: at least this share of the caption's content words is supported"
+    )
+    max_unsupported_names: int = Field(
+        0, ge=0, description="grounded: at most this many names and numbers that no signal supports"
+    )
+    retry: bool = Field(True, description="ask the model once more, naming the unsupported words, when repair fails")
+    min_tag_score: float = Field(
+        0.1, ge=0, le=1, description="tags below this score support no word and imply no modality (music, speech)"
+    )
+    extra_allowed_words: list[str] = Field(
+        default_factory=list, description="generic words any caption may use, added to the built-in list"
+    )
+
+
 class FuseConfig(LLMStageConfig):
     """LLM caption fusion (stages/fuse.py)."""
+
+    grounding: CaptionGroundingConfig = Field(default_factory=CaptionGroundingConfig)
 
 
 class JudgeConfig(LLMStageConfig):

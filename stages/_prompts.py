@@ -3,15 +3,24 @@ ask a backend for a structured answer with one repair attempt.
 
 A preset file holds ``name``, ``version``, ``answer`` (an answer shape of ``schemas/llm.py``),
 ``description``, ``inputs`` (which signals it shows, in order), ``max_tokens``, an ``example``
-answer, and the ``system`` / ``user`` / ``repair`` templates. Templates use ``string.Template``
-placeholders: ``$signals``, ``$missing``, ``$schema``, ``$example`` (and ``$error`` in ``repair``).
+answer, and the ``system`` / ``user`` / ``repair`` templates, plus an optional ``grounding_retry``
+template (sent once when the answer states things no signal supports; a built-in text is used when
+a preset has none). Templates use ``string.Template`` placeholders: ``$signals``, ``$missing``,
+``$schema``, ``$example`` (and ``$error`` in ``repair``, ``$unsupported`` in ``grounding_retry``).
 The built-in presets leave ``$example`` out of their prompts: small models copy it verbatim; it
 still documents (and tests) the answer shape.
 
-Untrusted text (titles, descriptions, keywords, transcripts, other models' captions) is data, not
-instructions: each signal is wrapped in its own ``<name>...</name>`` block with any ``<``/``>``
-inside it neutralised, clipped to a length limit, and scanned for instruction-like text, which is
-reported as a ``suspected_injection:<signal>`` flag.
+Untrusted text (titles, descriptions, keywords, other metadata fields, transcripts, other models'
+captions) is data, not instructions: it is normalised (Unicode NFKC, zero-width, bidi and control
+characters removed: ``_grounding.fold_text``), each signal is wrapped in its own
+``<name>...</name>`` block with any ``<``/``>`` inside it neutralised, clipped to a length limit,
+and scanned for instruction-like text, which is reported as a ``suspected_injection:<signal>`` flag.
+The scan reads the text's Latin skeleton (homoglyphs and accents folded) and the variants an
+obfuscated instruction hides behind (letters spaced out one by one, digits for letters).
+
+The title shown is the input LIST's ``title`` (column or field) when it has one, else the title the
+download found (for a direct file: its file stem). The LIST's ``description``, ``tags`` /
+``keywords`` / ``categories`` and every other metadata field (``metadata`` signal) reach the prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pipeline.errors import ConfigError
 from pipeline.stage import Row
 from schemas.llm import ANSWERS, Answer, AnswerError, answer_model, answer_schema, compact_schema, parse_answer
+from stages._grounding import check_variants, fold_text
 from stages._llm import ChatRequest, ChatResult, LLMBackend
 
 log = logging.getLogger(__name__)
@@ -40,6 +50,7 @@ SIGNALS: dict[str, bool] = {
     "title": True,
     "description": True,
     "keywords": True,
+    "metadata": True,  # every other field of the input LIST's metadata, one "key: value" a line
     "duration": False,
     "transcript": True,
     "timed_transcript": True,
@@ -50,6 +61,15 @@ SIGNALS: dict[str, bool] = {
 }
 PLACEHOLDERS = frozenset({"signals", "missing", "schema", "example"})
 REPAIR_PLACEHOLDERS = PLACEHOLDERS | {"error"}
+GROUNDING_PLACEHOLDERS = PLACEHOLDERS | {"unsupported"}
+DEFAULT_GROUNDING_RETRY = (
+    "Your answer states things that no signal of the clip supports: $unsupported.\n"
+    "Answer again using only what the signals say: no names, places, numbers, objects or sounds that "
+    'are not in the signals, and "" for any optional field that no signal supports.\n'
+    "Answer with only one JSON object matching this schema: $schema"
+)
+# metadata keys shown as their own signals (not repeated in ``metadata``)
+_OWN_SIGNAL_KEYS = frozenset({"title", "description", "tags", "keywords", "categories"})
 FUSED_KINDS_PREFIX = "fused"  # captions written by the fuse stage: "fused", "fused_visual" ...
 JUDGE_KIND = "judge"
 INJECTION_FLAG = "suspected_injection:"  # + the signal holding instruction-like text
@@ -66,8 +86,9 @@ _INJECTION_RE = re.compile("|".join(f"(?:{p})" for p in _INJECTION_PATTERNS), re
 
 
 def instruction_like(text: str) -> bool:
-    """True when ``text`` reads like an instruction to a model (prompt injection heuristics)."""
-    return bool(_INJECTION_RE.search(text))
+    """True when ``text`` reads like an instruction to a model (prompt injection heuristics), after
+    normalisation, homoglyph folding, and in its de-obfuscated variants (``check_variants``)."""
+    return any(_INJECTION_RE.search(variant) for variant in check_variants(text))
 
 
 # --------------------------------------------------------------------------- presets
@@ -86,6 +107,7 @@ class _PresetFile(BaseModel):
     system: str
     user: str
     repair: str
+    grounding_retry: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +123,7 @@ class Preset:
     user: str
     repair: str
     source: str
+    grounding_retry: str = DEFAULT_GROUNDING_RETRY
 
     @property
     def prompt_id(self) -> str:
@@ -139,7 +162,10 @@ def parse_preset(text: str, source: str) -> Preset:
     unknown = [s for s in spec.inputs if s not in SIGNALS]
     if unknown:
         problems.append(f"unknown inputs {unknown}; known: {sorted(SIGNALS)}")
-    for part, allowed in (("system", PLACEHOLDERS), ("user", PLACEHOLDERS), ("repair", REPAIR_PLACEHOLDERS)):
+    parts = [("system", PLACEHOLDERS), ("user", PLACEHOLDERS), ("repair", REPAIR_PLACEHOLDERS)]
+    if spec.grounding_retry is not None:
+        parts.append(("grounding_retry", GROUNDING_PLACEHOLDERS))
+    for part, allowed in parts:
         try:
             extra = _placeholders(getattr(spec, part)) - allowed
         except ValueError as exc:
@@ -168,6 +194,7 @@ def parse_preset(text: str, source: str) -> Preset:
         user=spec.user.strip(),
         repair=spec.repair.strip(),
         source=source,
+        grounding_retry=(spec.grounding_retry or DEFAULT_GROUNDING_RETRY).strip(),
     )
 
 
@@ -213,18 +240,21 @@ class Signals:
     visual_labels: list[str] = field(default_factory=list)
     input_captions: list[tuple[str, str]] = field(default_factory=list)  # (kind, text)
     duration: float | None = None
+    audio_tags: list[tuple[str, float]] = field(default_factory=list)  # (label, score), best first
+    visual_tags: list[tuple[str, float]] = field(default_factory=list)
 
     def present(self, name: str) -> bool:
         return bool(self.values.get(name))
 
 
 def _clean(text: Any, limit: int) -> str | None:
-    """Untrusted text as shown: whitespace collapsed, '<' '>' neutralised, clipped."""
+    """Untrusted text as shown: normalised (``fold_text``), whitespace collapsed, '<' '>'
+    neutralised, clipped."""
     if text is None:
         return None
     if isinstance(text, (list, tuple)):
         text = ", ".join(str(t) for t in text if t)
-    out = " ".join(str(text).split()).replace("<", "‹").replace(">", "›")
+    out = " ".join(fold_text(str(text)).split()).replace("<", "‹").replace(">", "›")
     if len(out) > limit:
         out = out[: limit - 1].rstrip() + "…"
     return out or None
@@ -239,6 +269,25 @@ def _metadata(row: Row) -> dict[str, Any]:
     except (TypeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _metadata_text(meta: dict[str, Any], limit: int) -> str | None:
+    """The metadata fields without a signal of their own, one ``key: value`` a line."""
+    lines = []
+    for key in sorted(meta):
+        value = meta[key]
+        if key in _OWN_SIGNAL_KEYS or value is None or value == "" or value == [] or value == {}:
+            continue
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, ensure_ascii=False)
+        name = " ".join(fold_text(str(key)).split())[:60]
+        text = _clean(value, limit)
+        if name and text:
+            lines.append(f"{_clean(name, 60)}: {text}")
+    out = "\n".join(lines)
+    if len(out) > limit:
+        out = out[: limit - 1].rstrip() + "…"
+    return out or None
 
 
 def _tags(tags: Any) -> list[tuple[str, float]]:
@@ -258,7 +307,8 @@ def _get(obj: Any, key: str) -> Any:
 def signals_from_row(row: Row, max_chars: int = 1500, *, max_tags: int = 8) -> Signals:
     """Collect a clip row's signals (any subset may be missing)."""
     meta = _metadata(row)
-    title = row.get("title") or meta.get("title")
+    # the LIST's own title wins over the downloaded one (for a direct file that is only its file stem)
+    title = meta.get("title") if isinstance(meta.get("title"), str) and meta["title"].strip() else row.get("title")
     keywords = meta.get("tags") or meta.get("keywords") or meta.get("categories")
     start, end = row.get("clip_start"), row.get("clip_end")
     duration = float(end) - float(start) if start is not None and end is not None else row.get("video_duration")
@@ -288,6 +338,7 @@ def signals_from_row(row: Row, max_chars: int = 1500, *, max_tags: int = 8) -> S
         "title": _clean(title, 300),
         "description": _clean(meta.get("description"), max_chars),
         "keywords": _clean(keywords, 300),
+        "metadata": _metadata_text(meta, max_chars),
         "duration": f"{duration:.1f} seconds" if duration else None,
         "transcript": _clean(transcript, max_chars),
         "timed_transcript": timed,
@@ -305,6 +356,8 @@ def signals_from_row(row: Row, max_chars: int = 1500, *, max_tags: int = 8) -> S
         visual_labels=[t[0] for t in visual],
         input_captions=captions,
         duration=duration,
+        audio_tags=audio,
+        visual_tags=visual,
     )
 
 
@@ -434,3 +487,50 @@ def ask_structured(
         if outcome.failure:
             log.info("preset %s: no valid answer (%s)", preset.prompt_id, outcome.failure[:200])
     return outcomes
+
+
+def grounding_retry_messages(preset: Preset, rendered: Rendered, raw: str | None, unsupported: list[str]) -> list[dict[str, Any]]:
+    """The conversation of a grounding retry: the prompt, the model's answer, and the feedback
+    naming the words no signal supports."""
+    words = list(dict.fromkeys(unsupported))[:20]
+    values = {
+        "signals": "",
+        "missing": "",
+        "schema": compact_schema(preset.answer),
+        "example": json.dumps(preset.example, ensure_ascii=False),
+        "unsupported": ", ".join(f'"{w}"' for w in words) or "(none)",
+    }
+    messages = list(rendered.messages)
+    if raw and raw.strip():
+        messages.append({"role": "assistant", "content": raw[:4000]})
+    messages.append({"role": "user", "content": Template(preset.grounding_retry).substitute(values)})
+    return messages
+
+
+def ask_grounding_retry(
+    backend: LLMBackend,
+    preset: Preset,
+    items: list[tuple[Rendered, str | None, list[str]]],
+    *,
+    temperature: float = 0.0,
+) -> list[tuple[Answer | None, dict[str, Any]]]:
+    """One more answer per ``(rendered, previous raw answer, unsupported words)``: the parsed answer
+    (None when unusable) and the attempt record. No format repair on top: this is the one retry."""
+    if not items:
+        return []
+    requests = [
+        ChatRequest(
+            grounding_retry_messages(preset, rendered, raw, words),
+            max_tokens=preset.max_tokens,
+            temperature=temperature,
+            json_schema=preset.json_schema,
+        )
+        for rendered, raw, words in items
+    ]
+    out = []
+    for result in backend.chat(requests):
+        answer, error = _check(preset, result)
+        attempt = _attempt(result, error)
+        attempt["purpose"] = "grounding_retry"
+        out.append((answer, attempt))
+    return out

@@ -1,30 +1,52 @@
 """LLM caption fusion: a prompt preset rendered from the clip's signals, a structured answer,
-one repair attempt, and a deterministic fallback caption when the model gives nothing usable.
+one repair attempt, a grounding check, and a deterministic fallback caption when the model gives
+nothing usable.
+
+Grounding (``fuse.grounding``, stages/_grounding.py): every text of the answer is checked against
+the signals the model was shown (signals flagged as suspected injection support nothing). First,
+per-modality captions whose signal is absent are emptied (no ``music_caption`` without a music tag,
+no ``speech_caption`` without a transcript, no visual caption without visual tags or a visual
+caption). Then a text whose supported share of content words is below ``min_share``, or that holds
+an unsupported name or number, is repaired (its unsupported sentences and clauses dropped); when
+that leaves a required text empty or still ungrounded, the model is asked once more with the
+unsupported words named; when that fails too, the deterministic caption replaces the answer.
+The provenance (``extra_json["grounding"]["outcome"]``) says which happened: ``llm``,
+``repaired``, ``retried`` or ``fallback``.
 
 Writes ``captions`` (the clip's other captions kept, earlier fused ones replaced by kind
 ``fused`` / ``fused_<modality>``, each with provenance in ``extra_json``), ``caption`` (the final
-caption) and ``llm_flags`` (``fuse_fallback:<reason>``, ``suspected_injection:<signal>``).
-The ``wavcaps`` preset may reject a clip whose text says nothing about the sound:
-``drop_reason="no_sound_description"``.
+caption), a ``Score(name="caption_grounding")`` in ``scores`` (share of the shipped texts' content
+words the signals support) and ``llm_flags``
+(``fuse_fallback:<reason>`` with reason ``ungrounded`` for a grounding fallback,
+``caption_grounding:repaired|retried``, ``ungrounded_caption`` when the shipped caption is still not
+grounded, ``suspected_injection:<signal>``). The ``wavcaps`` preset may reject a clip whose text says
+nothing about the sound: ``drop_reason="no_sound_description"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipeline.config import FuseConfig, LLMStageConfig
+from pydantic import ValidationError
+
+from pipeline.config import CaptionGroundingConfig, FuseConfig, LLMStageConfig
 from pipeline.stage import Resources, Row, Stage, StageContext
 from schemas.llm import Answer, FAVDAnswer, HowToCaptionAnswer, MMTrailAnswer, TimedCaption, WavCapsAnswer
+from stages._grounding import EMPTY, Grounding, Support, carried_share, check, normalise_words, repair
 from stages._llm import LLMBackend, make_backend
 from stages._prompts import (
     FUSED_KINDS_PREFIX,
+    INJECTION_FLAG,
     JUDGE_KIND,
     Outcome,
     Preset,
     Rendered,
     Signals,
+    ask_grounding_retry,
     ask_structured,
     load_preset,
     render,
@@ -41,12 +63,14 @@ REJECTED_REASON = "no_sound_description"
 
 
 def llm_resources(cfg: LLMStageConfig) -> Resources:
-    """Worker resources of an LLM stage: GPUs for vLLM, CPU threads for llama.cpp."""
+    """Worker resources of an LLM stage: GPUs for vLLM, CPU threads for llama.cpp and transformers."""
     llm = cfg.llm
     if llm.backend == "vllm":
         return Resources(cpus=llm.cpus, gpus=float(llm.tensor_parallel_size), pool_size=llm.replicas)
     if llm.backend == "llama_cpp":
         return Resources(cpus=float(llm.threads or llm.cpus), pool_size=llm.replicas)
+    if llm.backend == "transformers":  # CPU threads, or a GPU share when llm.gpus > 0
+        return Resources(cpus=float(llm.threads or llm.cpus), gpus=llm.gpus, pool_size=llm.replicas)
     return Resources(cpus=llm.cpus, pool_size=llm.replicas)
 
 
@@ -231,7 +255,168 @@ def captions_of(answer: Answer) -> tuple[str, dict[str, str]]:
     raise TypeError(f"fuse cannot use answer {type(answer).__name__}")
 
 
+# --------------------------------------------------------------------------- grounding
+
+GROUNDING_SCORE = "caption_grounding"
+GROUNDING_FLAG = "caption_grounding:"  # + repaired | retried
+UNGROUNDED_FLAG = "ungrounded_caption"
+UNGROUNDED_REASON = "ungrounded"  # fuse_fallback:ungrounded
+NO_VISUAL = "No visual details are available."
+NO_AUDIO = "No audio details are available."
+_SUPPORT_SIGNALS = ("title", "description", "keywords", "metadata", "transcript", "timed_transcript", "captions", "duration")
+
+
+@dataclass
+class ClipEvidence:
+    """What the signals shown to the model support, and which modalities they attest."""
+
+    support: Support
+    visual: bool
+    audio: bool
+    music: bool
+    speech: bool
+    flagged: frozenset[str]  # signals with suspected injection: they support nothing
+
+
+def clip_evidence(signals: Signals, rendered: Rendered, cfg: CaptionGroundingConfig) -> ClipEvidence:
+    """The support of one clip's prompt: the text of every signal shown (tags above
+    ``min_tag_score``), less the signals flagged as suspected injection."""
+    shown = rendered.shown
+    flagged = frozenset(f[len(INJECTION_FLAG) :] for f in rendered.flags if f.startswith(INJECTION_FLAG))
+    support = Support(allowed=normalise_words(cfg.extra_allowed_words))
+    for name in _SUPPORT_SIGNALS:
+        if name in shown and name not in flagged:
+            support.add_text(shown[name])
+    visual = audio = music = False
+    if "audio_tags" in shown:
+        for label, score in signals.audio_tags:
+            if score >= cfg.min_tag_score:
+                support.add_label(label)
+                audio = True
+    if "visual_tags" in shown:
+        for label, score in signals.visual_tags:
+            if score >= cfg.min_tag_score:
+                support.add_label(label)
+                visual = True
+    if "captions" in shown:
+        for kind, _text in signals.input_captions:
+            kind = kind.lower()
+            visual |= "visual" in kind or kind in ("image", "video", "frame")
+            audio |= "audio" in kind or "music" in kind
+            music |= "music" in kind
+    speech = "transcript" in shown or "timed_transcript" in shown
+    music |= "music" in support.conditions
+    audio |= speech or music
+    support.conditions.update(c for c, on in (("visual", visual), ("audio", audio), ("music", music), ("speech", speech)) if on)
+    return ClipEvidence(support, visual, audio, music, speech, flagged)
+
+
+def gate_modalities(answer: Answer, ev: ClipEvidence) -> tuple[Answer, list[str]]:
+    """Empty the per-modality texts whose signal is absent; returns the answer and the fields emptied."""
+    if isinstance(answer, MMTrailAnswer):
+        rules = {"visual_caption": ev.visual, "audio_caption": ev.audio, "music_caption": ev.music, "speech_caption": ev.speech}
+        emptied = [f for f, present in rules.items() if not present and getattr(answer, f)]
+        return (answer.model_copy(update={f: "" for f in emptied}) if emptied else answer), emptied
+    if isinstance(answer, FAVDAnswer):
+        update = {}
+        if not ev.visual and answer.visual_details != NO_VISUAL:
+            update["visual_details"] = NO_VISUAL
+        if not ev.audio and answer.audio_details != NO_AUDIO:
+            update["audio_details"] = NO_AUDIO
+        return (answer.model_copy(update=update) if update else answer), sorted(update)
+    return answer, []
+
+
+def answer_texts(answer: Answer) -> dict[str, str]:
+    """The texts of an answer that a grounding check reads, by field (``captions.N`` for timed ones)."""
+    if isinstance(answer, MMTrailAnswer):
+        return {f: getattr(answer, f) for f in ("audio_visual_caption", "visual_caption", "audio_caption", "music_caption", "speech_caption")}
+    if isinstance(answer, WavCapsAnswer):
+        return {"caption": answer.caption} if answer.about_sound else {}
+    if isinstance(answer, HowToCaptionAnswer):
+        return {f"captions.{i}": c.text for i, c in enumerate(answer.captions)}
+    if isinstance(answer, FAVDAnswer):
+        return {"summary": answer.summary, "visual_details": answer.visual_details, "audio_details": answer.audio_details}
+    raise TypeError(f"no grounding for answer {type(answer).__name__}")
+
+
+@dataclass
+class AnswerGrounding:
+    total: Grounding  # all texts of the answer together
+    failing: list[str]  # the fields that are not grounded
+
+    @property
+    def grounded(self) -> bool:
+        return not self.failing
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "score": round(self.total.score, 4),
+            "grounded": self.grounded,
+            "content_words": self.total.content,
+            "unsupported": self.total.unsupported[:40],
+            "names": self.total.names[:20],
+            "numbers": self.total.numbers[:20],
+            "failing_fields": self.failing,
+        }
+
+
+def ground_answer(answer: Answer, ev: ClipEvidence, cfg: CaptionGroundingConfig) -> AnswerGrounding:
+    """Check every text of ``answer``; grounded when each text is."""
+    fields = {name: check(text, ev.support) for name, text in answer_texts(answer).items() if text}
+    total = EMPTY
+    for g in fields.values():
+        total = total + g
+    failing = [f for f, g in fields.items() if not g.grounded(cfg.min_share, cfg.max_unsupported_names)]
+    return AnswerGrounding(total, failing)
+
+
+def repair_answer(answer: Answer, ev: ClipEvidence, cfg: CaptionGroundingConfig) -> tuple[Answer | None, list[str]]:
+    """``answer`` with the unsupported sentences and clauses of its ungrounded texts dropped, or None
+    when a required text is left empty (or the result is still not grounded); and the fields changed."""
+    changed: list[str] = []
+
+    def fix(text: str) -> str:
+        g = check(text, ev.support)
+        if not text or g.grounded(cfg.min_share, cfg.max_unsupported_names):
+            return text
+        return repair(text, ev.support, cfg.min_share)
+
+    data = answer.model_dump()
+    if isinstance(answer, HowToCaptionAnswer):
+        captions = []
+        for i, c in enumerate(data["captions"]):
+            new = fix(c["text"])
+            if new != c["text"]:
+                changed.append(f"captions.{i}")
+            if new:
+                captions.append({**c, "text": new})
+        data["captions"] = captions
+    else:
+        for name, text in answer_texts(answer).items():
+            new = fix(text)
+            if new != text:
+                changed.append(name)
+                data[name] = new
+    try:
+        fixed = type(answer).model_validate(data)
+    except ValidationError:
+        return None, changed  # a required text left empty
+    if not ground_answer(fixed, ev, cfg).grounded:
+        return None, changed
+    return fixed, changed
+
+
 # --------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class _Pending:
+    """One row between the first answer and the shipped one."""
+
+    answer: Answer | None
+    outcome: str  # llm | repaired | retried | fallback
+    grounding: dict[str, Any]
 
 
 class FuseStage(LLMStage[FuseConfig]):
@@ -246,8 +431,11 @@ class FuseStage(LLMStage[FuseConfig]):
         "audio_tags",
         "visual_tags",
         "captions",
+        "scores",
     )
-    writes = ("captions", "caption", "llm_flags", "drop_reason")
+    # the signals are used when an earlier stage wrote them (a WavCaps rewrite needs none of them)
+    optional_reads = ("transcript", "asr_segments", "audio_tags", "visual_tags", "captions", "scores")
+    writes = ("captions", "caption", "scores", "llm_flags", "drop_reason")
 
     def check_preset(self, preset: Preset) -> None:
         if preset.answer == "judge":
@@ -258,27 +446,104 @@ class FuseStage(LLMStage[FuseConfig]):
         signals = [signals_from_row(r, self.config.max_field_chars) for r in rows]
         rendered = [render(self.preset, s) for s in signals]
         outcomes = ask_structured(self.backend, self.preset, rendered, temperature=self.config.llm.temperature)
-        return [self._update(r, s, p, o) for r, s, p, o in zip(rows, signals, rendered, outcomes, strict=True)]
+        evidence = [clip_evidence(s, p, self.config.grounding) for s, p in zip(signals, rendered, strict=True)]
+        pending = self._ground(rendered, outcomes, evidence)
+        return [
+            self._update(r, s, p, o, e, g)
+            for r, s, p, o, e, g in zip(rows, signals, rendered, outcomes, evidence, pending, strict=True)
+        ]
 
-    def _update(self, row: Row, signals: Signals, rendered: Rendered, outcome: Outcome) -> dict[str, Any]:
+    def _ground(self, rendered: list[Rendered], outcomes: list[Outcome], evidence: list[ClipEvidence]) -> list[_Pending]:
+        """Gate, check, repair and (once, batched) retry every answer; fallback is left to ``_update``."""
         assert self.preset is not None and self.backend is not None
-        preset, backend = self.preset, self.backend
+        cfg = self.config.grounding
+        pending: list[_Pending] = []
+        retry: list[int] = []
+        for i, (outcome, ev) in enumerate(zip(outcomes, evidence, strict=True)):
+            answer = outcome.answer
+            if answer is None or cfg.mode == "off":
+                pending.append(_Pending(answer, "llm" if answer is not None else "fallback", {}))
+                continue
+            answer, emptied = gate_modalities(answer, ev)
+            first = ground_answer(answer, ev, cfg)
+            info: dict[str, Any] = {"first": first.summary(), "emptied": emptied}
+            if first.grounded or cfg.mode == "flag":
+                pending.append(_Pending(answer, "llm", info))
+                continue
+            fixed, changed = repair_answer(answer, ev, cfg)
+            if fixed is not None:
+                pending.append(_Pending(fixed, "repaired", {**info, "repaired_fields": changed}))
+                continue
+            pending.append(_Pending(None, "fallback", info))
+            if cfg.retry:
+                retry.append(i)
+        if retry:
+            items = [
+                (rendered[i], outcomes[i].attempts[-1]["raw"] if outcomes[i].attempts else None, pending[i].grounding["first"]["unsupported"])
+                for i in retry
+            ]
+            answers = ask_grounding_retry(self.backend, self.preset, items, temperature=self.config.llm.temperature)
+            for i, (answer, attempt) in zip(retry, answers, strict=True):
+                outcomes[i].attempts.append(attempt)
+                info = pending[i].grounding
+                if answer is None:
+                    info["retry"] = {"error": attempt["error"]}
+                    continue
+                answer, emptied = gate_modalities(answer, evidence[i])
+                again = ground_answer(answer, evidence[i], cfg)
+                info["retry"] = {**again.summary(), "emptied": emptied}
+                if not again.grounded:
+                    answer, changed = repair_answer(answer, evidence[i], cfg)
+                    info["retry"]["repaired_fields"] = changed
+                if answer is not None:
+                    pending[i] = _Pending(answer, "retried", info)
+        return pending
+
+    def _update(
+        self, row: Row, signals: Signals, rendered: Rendered, outcome: Outcome, ev: ClipEvidence, pending: _Pending
+    ) -> dict[str, Any]:
+        assert self.preset is not None and self.backend is not None
+        preset, backend, cfg = self.preset, self.backend, self.config.grounding
         extra = provenance(self.name, preset, backend, self.config, rendered, outcome)
-        flags = [f for f in (row.get("llm_flags") or []) if not f.startswith("fuse_")]
+        drop = ("fuse_", GROUNDING_FLAG, UNGROUNDED_FLAG)
+        flags = [f for f in (row.get("llm_flags") or []) if not f.startswith(drop)]
         flags += [f for f in rendered.flags if f not in flags]
-        answer = outcome.answer
+        answer = pending.answer
         model = backend.model_id
         if answer is None:
-            answer = fallback_answer(preset.answer, signals)
+            answer = fallback_answer(preset.answer, _trusted(signals, ev.flagged))
             model = FALLBACK_MODEL
-            flags.append(f"fuse_fallback:{outcome.failure_reason}")
+            reason = outcome.failure_reason if outcome.answer is None else UNGROUNDED_REASON
+            flags.append(f"fuse_fallback:{reason}")
+            extra["fallback"] = True
+            extra["failure"] = outcome.failure if outcome.answer is None else f"{UNGROUNDED_REASON}: no grounded answer"
+        elif pending.outcome in ("repaired", "retried"):
+            flags.append(f"{GROUNDING_FLAG}{pending.outcome}")
         extra["answer"] = answer.model_dump()
+        update: dict[str, Any] = {"llm_flags": flags}
+        scores = [s for s in (row.get("scores") or []) if s.get("name") != GROUNDING_SCORE]
+        if cfg.mode != "off":
+            shipped = ground_answer(answer, ev, cfg)
+            carried = carried_share(signals.transcript, " ".join(answer_texts(answer).values())) if ev.speech else None
+            extra["grounding"] = {
+                **pending.grounding,
+                "outcome": pending.outcome,
+                "mode": cfg.mode,
+                "min_share": cfg.min_share,
+                "max_unsupported_names": cfg.max_unsupported_names,
+                "shipped": shipped.summary(),
+                "transcript_carried": None if carried is None else round(carried, 4),
+            }
+            if not (isinstance(answer, WavCapsAnswer) and not answer.about_sound):
+                scores.append({"name": GROUNDING_SCORE, "value": round(shipped.total.score, 4)})
+            if not shipped.grounded:
+                flags.append(UNGROUNDED_FLAG)
+        update["scores"] = scores
         kept = [
             c
             for c in (row.get("captions") or [])
             if not str(c.get("kind", "")).startswith(FUSED_KINDS_PREFIX) and c.get("kind") != JUDGE_KIND
         ]
-        update: dict[str, Any] = {"llm_flags": flags}
         if isinstance(answer, WavCapsAnswer) and not answer.about_sound:
             flags.append("fuse_rejected:no_sound_description")
             kept.append(_caption(FUSED_KINDS_PREFIX, "", model, preset, extra))
@@ -289,3 +554,17 @@ class FuseStage(LLMStage[FuseConfig]):
         for modality, text in parts.items():
             kept.append(_caption(f"{FUSED_KINDS_PREFIX}_{modality}", text, model, preset, {**small, "part_of": "fused"}))
         return {**update, "captions": kept, "caption": main}
+
+
+def _trusted(signals: Signals, flagged: frozenset[str]) -> Signals:
+    """``signals`` without the texts flagged as suspected injection (for the deterministic caption)."""
+    if not flagged:
+        return signals
+    changes: dict[str, Any] = {}
+    if "title" in flagged:
+        changes["title"] = None
+    if flagged & {"transcript", "timed_transcript"}:
+        changes.update(transcript=None, segments=[])
+    if "captions" in flagged:
+        changes["input_captions"] = []
+    return dataclasses.replace(signals, **changes) if changes else signals

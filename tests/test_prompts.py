@@ -17,7 +17,9 @@ BUILTIN = ["mmtrail", "wavcaps", "howtocaption", "favd", "judge"]
 
 FULL_ROW = {
     "title": "Making pasta at home",
-    "metadata_json": json.dumps({"description": "Easy weeknight pasta. Subscribe!", "tags": ["cooking", "pasta"]}),
+    "metadata_json": json.dumps(
+        {"description": "Easy weeknight pasta. Subscribe!", "tags": ["cooking", "pasta"], "channel": "Home Kitchen"}
+    ),
     "clip_start": 10.0,
     "clip_end": 20.0,
     "transcript": "First boil the water. Then add the pasta.",
@@ -105,7 +107,7 @@ def test_user_preset_folder_adds_and_overrides_presets(tmp_path: Path) -> None:
     assert load_preset("brief", tmp_path).prompt_id == "brief@3"
     assert load_preset("brief", tmp_path).source == str(tmp_path / "brief.yaml")
     assert load_preset("favd", tmp_path).version == 7
-    assert load_preset("favd").version == 1  # without the folder: the built-in
+    assert load_preset("favd").version == 2  # without the folder: the built-in
     with pytest.raises(ConfigError, match="unknown prompt preset 'brief'"):
         load_preset("brief")
 
@@ -170,7 +172,7 @@ def test_answer_shape_rules() -> None:
 
 def test_config_sections_validate(tmp_path: Path) -> None:
     cfg = RunConfig.model_validate(
-        {"stages": ["fuse", "judge"], "fuse": {"preset": "favd", "llm": {"backend": "openai", "model": "m"}}}
+        {"stages": ["download", "split", "extract", "fuse", "judge"], "fuse": {"preset": "favd", "llm": {"backend": "openai", "model": "m"}}}
     )
     assert cfg.fuse.preset == "favd" and cfg.fuse.llm.backend == "openai"
     assert cfg.judge.preset == "judge" and cfg.judge.min_score == 3
@@ -179,3 +181,37 @@ def test_config_sections_validate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="api_key: unknown key"):
         load_config(path)
     assert set(SIGNALS) >= {"transcript", "audio_tags", "visual_tags", "captions", "title"}
+
+
+def test_list_title_and_other_metadata_reach_the_prompt() -> None:
+    # the LIST's title wins over the downloaded one (for a direct file, only its file stem)
+    meta = {"title": "Street violin busker", "description": "Live at the square.", "channel": "City Sounds",
+            "recorded": "2024-05-01", "tags": ["violin"], "empty": "", "nested": {"place": "Lyon"}}  # fmt: skip
+    row = {"title": "clip_0003", "metadata_json": json.dumps(meta)}
+    signals = signals_from_row(row)
+    assert signals.values["title"] == "Street violin busker" and signals.title == "Street violin busker"
+    assert signals.values["metadata"] == 'channel: City Sounds\nnested: {"place": "Lyon"}\nrecorded: 2024-05-01'
+    for name in ("mmtrail", "favd", "wavcaps"):
+        user = render(load_preset(name), signals).messages[1]["content"]
+        assert "<title>\nStreet violin busker\n</title>" in user and "clip_0003" not in user
+        assert "<metadata>\nchannel: City Sounds" in user and "<description>\nLive at the square.\n</description>" in user
+    # without a LIST title the downloaded one is shown
+    assert signals_from_row({"title": "clip_0003", "metadata_json": json.dumps({"channel": "x"})}).values["title"] == "clip_0003"
+
+
+def test_shown_text_is_normalised() -> None:
+    row = {"title": "Ｐａｓｔａ\u200b ａｔ home\u202e", "transcript": "boil\u2060 the\x07 water\ufeff"}
+    signals = signals_from_row(row)
+    assert signals.values["title"] == "Pasta at home"
+    assert signals.values["transcript"] == "boil the water"
+
+
+def test_grounding_retry_template_is_optional_and_checked(tmp_path: Path) -> None:
+    from stages._prompts import DEFAULT_GROUNDING_RETRY
+
+    assert load_preset("mmtrail").grounding_retry == DEFAULT_GROUNDING_RETRY.strip()
+    (tmp_path / "mine.yaml").write_text(_preset_text(name="mine", grounding_retry="Unsupported: $unsupported. $schema"))
+    assert load_preset("mine", tmp_path).grounding_retry == "Unsupported: $unsupported. $schema"
+    (tmp_path / "bad.yaml").write_text(_preset_text(name="bad", grounding_retry="Fix $words"))
+    with pytest.raises(ConfigError, match="grounding_retry uses unknown placeholders \\['words'\\]"):
+        load_preset("bad", tmp_path)
