@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import AvforgeError
+from pipeline.errors import AvforgeError, ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
 
 log = logging.getLogger("avforge")
 
@@ -20,14 +25,40 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def check_output_dir(output: Path | str, option: str = "--output") -> None:
+    """Refuse (ConfigError, exit 2) a local output path that is a file or lies under one.
+
+    Object-store URLs (``s3://...``) are left to the storage layer."""
+    from pipeline.config import echo
+
+    text = str(output)
+    if "://" in text:
+        return
+    path = Path(text).expanduser()
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists() and not candidate.is_dir():
+                what = "is an existing file" if candidate == path else f"lies under {echo(str(candidate))}, a file"
+                raise ConfigError(f"{option} {echo(text)} {what}; give a folder")
+        except OSError as exc:  # ENAMETOOLONG and friends
+            raise ConfigError(f"{option} {echo(text)}: {exc.strerror or exc}") from None
+
+
+def _run_config(args: argparse.Namespace, extra: list[str] | None = None) -> RunConfig:
+    """The run config from the command line: recipe, --config files in order, then --set."""
+    from pipeline.config import DEFAULT_RECIPE, load_config
+
+    overrides = [*(extra or []), *(args.set or [])]
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    return load_config(args.config or [], overrides, recipe=args.recipe or DEFAULT_RECIPE)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
     from pipeline.runner import run_pipeline
 
-    overrides = list(args.set or [])
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    config = load_config(args.config, overrides)
+    config = _run_config(args)
+    check_output_dir(args.output)
     if args.dry_run:
         from pipeline.runner import dry_run
 
@@ -65,33 +96,93 @@ def _cmd_samples(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Generate samples, serve them on 127.0.0.1 (yt-dlp path), run the pipeline, show the result."""
-    from pipeline.config import load_config
+    """Generate samples, serve them on 127.0.0.1 (yt-dlp path), run a recipe (mmtrail: the whole
+    pipeline) on them, and show what it made for a few clips."""
     from pipeline.runner import run_pipeline
     from pipeline.samples import generate_corpus
     from pipeline.serve import serve_directory
 
     root = Path(args.dir).resolve()
+    check_output_dir(root, "--dir")
+    # the samples are served on loopback, which downloads refuse unless allowed
+    config = _run_config(args, ["download.allowed_hosts=[127.0.0.1]"])
     samples = root / "samples"
     if not (samples / "manifest.jsonl").exists():
-        generate_corpus(samples, count=args.count, seed=0)
-    names = sorted(p.name for p in samples.glob("sample_*.mp4"))
-    # the samples are served on loopback, which downloads refuse unless allowed
-    config = load_config(args.config, ["download.allowed_hosts=[127.0.0.1]", *(args.set or [])])
+        generate_corpus(samples, count=args.count, seed=0, duration=args.duration)
+    names = sorted(p.name for p in samples.glob("sample_*.mp4"))[: args.count]
     with serve_directory(samples) as base:
         inputs = root / "urls.txt"
         inputs.write_text("".join(f"{base}/{n}\n" for n in names))
-        log.info("serving %d sample videos at %s", len(names), base)
+        log.info("serving %d sample videos at %s; recipe %s", len(names), base, config.recipe)
         summary = run_pipeline(inputs, root / "out", config, backend=args.backend)
-    shards = sorted((summary.output / "shards").glob("*.tar"))
-    print("\n".join(["", "avforge demo finished", *summary.lines()]))
-    print(f"shards:      {len(shards)} under {summary.output / 'shards'}")
+    out = summary.output
+    shards = sorted((out / "shards").glob("*.tar"))
+    print("\n".join(["", f"avforge demo finished (recipe {config.recipe}: {', '.join(config.stages)})", *summary.lines()]))
+    print(f"shards:      {len(shards)} under {out / 'shards'}")
+    for line in demo_samples(out, args.show):
+        print(line)
     print("open them:")
     print("  import webdataset as wds")
     last = f"{max(len(shards) - 1, 0):06d}"
-    print(f"  ds = wds.WebDataset('{summary.output / 'shards'}/{{000000..{last}}}.tar')")
+    print(f"  ds = wds.WebDataset('{out / 'shards'}/{{000000..{last}}}.tar')")
     print("  sample = next(iter(ds))   # KEY.flac, KEY.0.jpg ..., KEY.json, KEY.txt")
-    print(f"index:       {summary.output / 'index.parquet'}  (pandas.read_parquet)")
+    print(f"index:       {out / 'index.parquet'}  (pandas.read_parquet)")
+    report = out / "report" / "index.html"
+    if report.exists():
+        print(f"report:      {report}")
+    return 0
+
+
+def _wrap(label: str, text: str, width: int = 100) -> list[str]:
+    lead = f"  {label:<12} "
+    lines = textwrap.wrap(" ".join(text.split()), width - len(lead)) or [""]
+    return [lead + lines[0], *(" " * len(lead) + ln for ln in lines[1:])]
+
+
+def demo_samples(out: Path, count: int = 3) -> list[str]:
+    """For up to ``count`` kept clips of a finished run: key, transcript, tags, captions, scores."""
+    import pyarrow.parquet as pq
+
+    index = out / "index.parquet"
+    if count <= 0 or not index.exists():
+        return []
+    rows: list[dict[str, Any]] = pq.read_table(index).to_pylist()
+    if not rows:
+        return ["no clip was kept: see rejects.parquet and errors.parquet (avforge inspect)"]
+    # one clip per video first, so the few shown differ
+    seen: set[str] = set()
+    chosen = [r for r in rows if not (r.get("video_id") in seen or seen.add(r.get("video_id")))][:count]
+    lines = [f"{len(chosen)} of {len(rows)} kept clips:"]
+    for r in chosen:
+        lines.append(f"- {r['key']}  ({r.get('clip_start') or 0:.1f}-{r.get('clip_end') or 0:.1f} s of {r['source_url']})")
+        lines += _wrap("transcript", r.get("transcript") or "(no speech)")
+        for name in ("audio_tags", "visual_tags"):
+            tags = r.get(name) or []
+            if tags:
+                lines += _wrap(name.replace("_", " "), ", ".join(f"{t['label']} {t['score']:.2f}" for t in tags[:6]))
+        for c in r.get("captions") or []:
+            if c.get("text"):
+                lines += _wrap(f"[{c['kind']}]", f"{c['text']}  ({c.get('model')})")
+        lines += _wrap("KEY.txt", r.get("caption") or "(none)")
+        scores = ", ".join(f"{s['name']} {s['value']:.2f}" for s in r.get("scores") or [])
+        if scores:
+            lines += _wrap("scores", scores)
+    return lines
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from pipeline.config import DEFAULT_RECIPE, recipe_description, recipe_names, recipe_text
+
+    if args.name:
+        print(recipe_text(args.name), end="")
+        return 0
+    names = recipe_names()
+    width = max(len(n) for n in names) + 2
+    for name in names:
+        mark = " (default)" if name == DEFAULT_RECIPE else ""
+        print(f"{name:<{width}}{recipe_description(name)}{mark}")
+    print("\nrun one:  avforge run --recipe NAME --input LIST --output DIR [--config FILE ...] [--set KEY=VALUE ...]")
+    print("show one: avforge recipes NAME")
     return 0
 
 
@@ -128,6 +219,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recipe", help="start from this recipe (avforge recipes lists them; default: mmtrail, the whole pipeline)"
+    )
+    parser.add_argument(
+        "--config", type=Path, action="append", metavar="FILE.yaml",
+        help="YAML config applied on top of the recipe; repeat to merge several, left to right (e.g. infra/gpu.yaml)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config value last, e.g. split.mode=shots"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avforge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -136,8 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline on an input LIST into an output DIR (resumes)")
     run.add_argument("--input", required=True, type=Path, help="txt/csv/jsonl/parquet list of URLs or paths")
     run.add_argument("--output", required=True, type=Path, help="output folder")
-    run.add_argument("--config", type=Path, help="YAML config file")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. split.mode=shots")
+    _config_args(run)
     run.add_argument("--address", help="Ray cluster address (default: start Ray in-process)")
     run.add_argument("--backend", choices=["ray", "sequential"], default="ray", help="sequential: no Ray, in-process")
     run.add_argument("--dry-run", action="store_true", help="validate config and inputs, process nothing")
@@ -154,11 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate samples, serve them on 127.0.0.1 and run the pipeline on them")
     demo.add_argument("--dir", type=Path, default=Path("demo"))
-    demo.add_argument("--count", type=int, default=6)
-    demo.add_argument("--config", type=Path)
-    demo.add_argument("--set", action="append", metavar="KEY=VALUE")
+    demo.add_argument("--count", type=int, default=4, help="sample videos")
+    demo.add_argument("--duration", type=float, default=8.0, help="typical sample length in seconds")
+    demo.add_argument("--show", type=int, default=3, help="clips whose transcript, tags and captions are printed")
+    _config_args(demo)
     demo.add_argument("--backend", choices=["ray", "sequential"], default="ray")
     demo.set_defaults(func=_cmd_demo)
+
+    recipes = sub.add_parser("recipes", help="list the recipes (whole pipelines after known datasets), or show one")
+    recipes.add_argument("name", nargs="?", help="print this recipe's YAML (its choices are in the comments)")
+    recipes.set_defaults(func=_cmd_recipes)
 
     bench = sub.add_parser("bench", help="benchmark the pipeline against an ffmpeg decode floor")
     bench.add_argument("--workdir", type=Path, default=Path("/tmp/avforge-bench"))
@@ -191,7 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except AvforgeError as exc:
-        print(f"avforge: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if len(message) > 4000:  # messages echo bounded values, but never flood a terminal or a log
+            message = message[:3999] + "\u2026"
+        print(f"avforge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("avforge: interrupted; rerun the same command to resume", file=sys.stderr)

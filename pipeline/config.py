@@ -6,6 +6,9 @@ Every model forbids unknown keys, so a typo fails loudly with the list of allowe
 from __future__ import annotations
 
 import copy
+import reprlib
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +19,10 @@ from pipeline.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every config section: unknown keys are refused, and so are non-finite numbers
+    (``.inf`` / ``.nan``; an open limit is ``null``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DownloadConfig(Section):
@@ -365,7 +371,17 @@ class RayConfig(Section):
 
 
 class RunConfig(Section):
-    stages: list[str] = Field(default_factory=lambda: ["download", "split", "extract", "quality"])
+    stages: list[str] = Field(
+        default_factory=lambda: ["download", "split", "extract", "quality"],
+        min_length=1,
+        description="the stages in order; each one's required reads must be written by ingest or an earlier stage",
+    )
+    skip_stages: list[str] = Field(
+        default_factory=list,
+        description="stages left out of ``stages`` on this machine (recipes skip the visual models, which have "
+        "no offline weights; infra/gpu.yaml sets this to [])",
+    )
+    recipe: str | None = Field(None, description="the recipe this config starts from (set by --recipe; recorded)")
     staging_dir: str | None = Field(None, description="local folder or object-store URL; default: OUTPUT/_staging")
     download: DownloadConfig = Field(default_factory=DownloadConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -386,48 +402,205 @@ class RunConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _known_stages(self) -> RunConfig:
-        from pipeline.registry import STAGES
+    def _pipeline(self) -> RunConfig:
+        from pipeline.registry import STAGES, unmet_reads
 
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in [*self.stages, *self.skip_stages] if s not in STAGES]
         if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+            raise ValueError(f"unknown stage(s) {echo(unknown)}; known: {', '.join(sorted(STAGES))}")
+        if self.skip_stages:
+            kept = [s for s in self.stages if s not in self.skip_stages]
+            if not kept:
+                raise ValueError("skip_stages leaves no stage to run")
+            if kept != self.stages:
+                self.__dict__["stages"] = kept  # not an assignment: no re-validation loop
+        problems = unmet_reads(self.stages)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
-def _parse_value(text: str) -> Any:
+# --------------------------------------------------------------------------- loading
+
+ECHO_LIMIT = 200  # characters of a user-supplied value echoed in an error message
+MAX_YAML_CHARS = 1_000_000  # a config file or --set value larger than this is refused
+MAX_YAML_NODES = 10_000  # nodes after alias expansion (a full config has a few hundred)
+MAX_YAML_DEPTH = 40  # nesting depth (the deepest config key is 4 levels down)
+MAX_LISTED_ERRORS = 10  # validation errors listed in one message
+
+_SHORT = reprlib.Repr()  # bounded repr: nesting, items per container, string and number lengths
+_SHORT.maxlevel, _SHORT.maxtuple, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxset = 3, 6, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = ECHO_LIMIT, ECHO_LIMIT, 40
+
+RECIPES_PACKAGE = "pipeline.recipes"
+DEFAULT_RECIPE = "mmtrail"
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` on one line, cut to ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def echo(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """A bounded, one-line repr of a user-supplied value for an error message."""
+    return clip(_SHORT.repr(value), limit)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses explicit tags and nests no deeper than ``MAX_YAML_DEPTH``.
+
+    Tags (``!!python/object``, ``!!binary``, ``!!set``, ``!custom`` ...) have no place in a config:
+    every value is a plain scalar, list or mapping. Aliases stay allowed (sharing one ``llm`` block
+    between fuse and judge is handy), but ``load_yaml`` bounds the size they expand to.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)
+        if tag is not None and not isinstance(event, yaml.AliasEvent):
+            raise ConfigError(
+                f"YAML tag {echo(tag)} at line {event.start_mark.line + 1} is not allowed in a config "
+                "(quote the value if it is text)"
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_tree(root: yaml.Node) -> None:
+    """Refuse duplicate keys and documents that expand (through aliases) past ``MAX_YAML_NODES``.
+
+    Aliases make the node graph a DAG whose expanded size can be exponential in its text (the
+    "billion laughs"): the size is computed over the DAG with memoisation, so checking is cheap.
+    """
+    sizes: dict[int, int] = {}
+    over = MAX_YAML_NODES + 1
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = over  # a node that contains itself (recursive alias) counts as too large
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total >= over:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                    if k.value in seen:
+                        raise ConfigError(f"duplicate key {echo(k.value)} at line {k.start_mark.line + 1}")
+                    seen.add(k.value)
+                total += size(k) + size(v)
+                if total >= over:
+                    break
+        sizes[key] = min(total, over)
+        return sizes[key]
+
+    if size(root) >= over:
+        raise ConfigError(
+            f"YAML expands to more than {MAX_YAML_NODES} values (nested aliases?); refused"
+        )
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse one YAML document safely and boundedly; any problem is a one-line ConfigError."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{where}: {len(text)} characters, more than the {MAX_YAML_CHARS} allowed")
+    loader = _ConfigLoader(text)
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_tree(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {_one_line(exc)}") from None
+    except ConfigError as exc:  # a tag, a duplicate key, too deep or too large
+        raise ConfigError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _one_line(exc: BaseException) -> str:
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return clip(f"{problem}{where}", 300)
+    return clip(str(exc), 300)
+
+
+def _parse_value(text: str, key: str) -> Any:
+    """A ``--set`` value, parsed as YAML (tags refused); text that is not YAML stays a string."""
+    try:
+        return load_yaml(text, f"--set {key}")
+    except ConfigError as exc:
+        if "is not valid YAML" in str(exc):
+            return text
+        raise
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` override (value parsed as YAML) to a config dict."""
     if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+        raise ConfigError(f"--set expects key=value, got {echo(assignment)}")
     dotted, raw = assignment.split("=", 1)
     parts = [p for p in dotted.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"--set has an empty key: {assignment!r}")
+        raise ConfigError(f"--set has an empty key: {echo(assignment)}")
     node = data
     for p in parts[:-1]:
         child = node.setdefault(p, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {p!r} is not a section")
+            raise ConfigError(f"--set {echo(dotted)}: {echo(p)} is not a section")
         node = child
-    node[parts[-1]] = _parse_value(raw)
+    node[parts[-1]] = _parse_value(raw, ".".join(parts))
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    """One line: ``invalid config: where: problem (got value); ...`` with bounded echoes."""
+    parts = []
+    errors = err.errors()
+    for e in errors[:MAX_LISTED_ERRORS]:
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key{_allowed_hint(e['loc'])}")
+            parts.append(f"{clip(where, 100)}: unknown key{_allowed_hint(e['loc'])}")
+        elif not where:  # a whole-config rule: the input is the whole config, not worth echoing
+            parts.append(clip(msg, 1000))
+        elif e["type"] in ("missing",) or "input" not in e:
+            parts.append(f"{clip(where, 100)}: {clip(msg)}")
         else:
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
-    return "invalid config:\n" + "\n".join(lines)
+            parts.append(f"{clip(where, 100)}: {clip(msg)} (got {echo(e['input'])})")
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more")
+    return "invalid config: " + "; ".join(parts)
 
 
 def _allowed_hint(loc: tuple[Any, ...]) -> str:
@@ -441,21 +614,68 @@ def _allowed_hint(loc: tuple[Any, ...]) -> str:
     return f" (allowed: {', '.join(sorted(model.model_fields))})"
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML (optional), apply overrides, validate. Raises ConfigError with a readable message."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
-        data = copy.deepcopy(loaded)
+def _read_mapping(path: Path) -> dict[str, Any]:
+    try:
+        if Path(path).stat().st_size > MAX_YAML_CHARS * 4:
+            raise ConfigError(f"config file {path} is larger than {MAX_YAML_CHARS * 4} bytes")
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    loaded = load_yaml(text, f"config file {path}")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+def recipe_names() -> list[str]:
+    """The packaged recipes (``pipeline/recipes/*.yaml``), sorted."""
+    folder = resources.files(RECIPES_PACKAGE)
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name: str) -> str:
+    if name not in recipe_names():
+        raise ConfigError(f"unknown recipe {echo(name)}; known: {', '.join(recipe_names())}")
+    return (resources.files(RECIPES_PACKAGE) / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def recipe_description(name: str) -> str:
+    """The recipe file's first comment line (``# name: what it builds``), without the name."""
+    for line in recipe_text(name).splitlines():
+        if line.startswith("#"):
+            text = line.lstrip("#").strip()
+            return text.split(":", 1)[1].strip() if text.startswith(f"{name}:") else text
+    return ""
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    loaded = load_yaml(recipe_text(name), f"recipe {name}")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {name} must hold a mapping")
+    return {**loaded, "recipe": name}
+
+
+def load_config(
+    path: Path | str | Sequence[Path | str] | None = None,
+    overrides: list[str] | None = None,
+    *,
+    recipe: str | None = None,
+) -> RunConfig:
+    """Build the run config: ``recipe`` (if any), then each YAML file of ``path`` left to right
+    (deep merge: mappings merge, lists and scalars replace), then ``overrides`` (``a.b=value``),
+    then validation. Raises ConfigError with a one-line, bounded message."""
+    data: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    for p in paths:
+        data = deep_merge(data, _read_mapping(Path(p)))
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:

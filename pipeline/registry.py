@@ -1,12 +1,16 @@
 """Stage names known to the runner, as import paths (nothing heavy is imported here).
 
 Each entry maps a stage name (used in ``RunConfig.stages``) to the stage class and the
-``RunConfig`` section holding its settings.
+``RunConfig`` section holding its settings. The engine (``pipeline/``) names concrete stages only
+here, as ``"module:Class"`` strings imported when a pipeline is checked or built, never at import
+time; ``pipeline.config`` imports this module inside its validator, and this module imports
+``pipeline.config`` and ``pipeline.stage`` for type checking only, so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,6 +35,10 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+# Columns every input row carries from ingest (stages/ingest.py), before the first stage.
+INGEST_COLUMNS: tuple[str, ...] = ("video_id", "source_url", "fetch_url", "input_index", "metadata_json")
+
+
 def stage_class(name: str) -> type[Stage]:
     path, _ = STAGES[name]
     module, cls = path.split(":")
@@ -45,3 +53,34 @@ def build_stage(name: str, config: RunConfig, context: StageContext) -> Stage:
 
 def build_stages(config: RunConfig, context: StageContext) -> list[Stage]:
     return [build_stage(name, config, context) for name in config.stages]
+
+
+def _writes(name: str) -> tuple[str, ...]:
+    try:
+        return stage_class(name).writes
+    except ImportError:
+        return ()
+
+
+def unmet_reads(names: Sequence[str]) -> list[str]:
+    """Problems of a stage list: each stage whose required reads (``reads`` minus
+    ``optional_reads``) neither ingest nor an earlier stage writes. Empty when the list is sound."""
+    available = set(INGEST_COLUMNS)
+    problems: list[str] = []
+    for position, name in enumerate(names):
+        try:
+            cls = stage_class(name)
+        except ImportError as exc:  # a stage whose extra is not installed
+            problems.append(f"stage {name!r} cannot be loaded ({exc}); is its extra installed? (see README)")
+            continue
+        missing = [c for c in cls.required_reads() if c not in available]
+        if missing:
+            before = ", ".join(names[:position]) or "nothing"
+            writers = sorted(n for n in STAGES if n != name and any(c in _writes(n) for c in missing))
+            hint = f"; written by {', '.join(writers)}" if writers else ""
+            problems.append(
+                f"stage {name!r} reads {', '.join(repr(c) for c in missing)}, which no earlier stage "
+                f"({before}) writes{hint}"
+            )
+        available.update(cls.writes)
+    return problems

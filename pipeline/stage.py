@@ -64,7 +64,11 @@ class StageContext:
 
 class Stage(ABC, Generic[C]):
     name: ClassVar[str]
+    # Columns the stage uses. Those not in ``optional_reads`` are required: when the pipeline is
+    # built from the config (``pipeline.registry.unmet_reads``), ingest or an earlier stage must
+    # write each of them, or the config is refused. ``optional_reads`` are used when present.
     reads: ClassVar[tuple[str, ...]] = ()
+    optional_reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
     fan_out: ClassVar[bool] = False
     stateful: ClassVar[bool] = False  # True: model stages, run as an actor pool
@@ -76,6 +80,11 @@ class Stage(ABC, Generic[C]):
     def __init__(self, config: C, context: StageContext | None = None) -> None:
         self.config = config
         self.context = context or StageContext()
+
+    @classmethod
+    def required_reads(cls) -> tuple[str, ...]:
+        """The ``reads`` an earlier stage (or ingest) must write."""
+        return tuple(c for c in cls.reads if c not in cls.optional_reads)
 
     @property
     def resources(self) -> Resources:

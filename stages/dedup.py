@@ -632,3 +632,5 @@ class DedupStage(Stage[DedupConfig]):
             pq.write_table(data, staging.local(rel))
             uri = staging.publish(rel)
         log.info("dedup: signals and decisions written beside %s", uri)
+    # quality scores and embeddings are used when present (semantic dedup needs visual_tags / text_embed)
+    optional_reads = ("scores", "visual_embedding", "text_embedding")

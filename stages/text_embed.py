@@ -38,6 +38,7 @@ def default_model_path() -> str:
 class TextEmbedStage(PooledStage[TextEmbedConfig]):
     name = "text_embed"
     reads = ("caption", "transcript")
+    optional_reads = ("caption", "transcript")  # the caption, else the transcript: whichever exists
     writes = ("text_embedding",)
 
     def setup(self) -> None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 class VisualCaptionStage(PooledStage[VisualCaptionConfig]):
     name = "visual_caption"
     reads = ("frame_uris", "captions")
+    optional_reads = ("captions",)  # earlier captions are kept when present
     writes = ("captions",)
 
     def setup(self) -> None:

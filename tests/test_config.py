@@ -59,3 +59,198 @@ def test_dump_roundtrip(tmp_path: Path) -> None:
     f.write_text(dump_config(cfg))
     assert load_config(f, []) == cfg
     assert isinstance(cfg, RunConfig)
+
+
+# ---------------------------------------------------------------------- recipes, merge order, skip_stages
+
+
+def test_recipe_then_configs_left_to_right_then_set(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("split:\n  clip_seconds: 6\n  min_clip_seconds: 1\nextract:\n  frames_per_clip: 2\n")
+    b.write_text("split:\n  clip_seconds: 5\nextract:\n  jpeg_quality: 70\n")
+    cfg = load_config([a, b], ["split.clip_seconds=4"], recipe="wavcaps")
+    assert cfg.recipe == "wavcaps" and cfg.fuse.preset == "wavcaps"  # from the recipe
+    assert cfg.split.mode == "fixed" and cfg.split.min_clip_seconds == 1  # recipe, then a
+    assert cfg.extract.frames_per_clip == 2 and cfg.extract.jpeg_quality == 70  # a and b merge, not replace
+    assert cfg.split.clip_seconds == 4  # --set last
+    c = tmp_path / "c.yaml"
+    c.write_text("stages: [download, split, extract, quality]\n")  # a list replaces the recipe's
+    assert load_config([c], [], recipe="mmtrail").stages == ["download", "split", "extract", "quality"]
+
+
+def test_skip_stages_leave_stages_out_and_gpu_overlay_brings_them_back() -> None:
+    cfg = load_config(None, [], recipe="mmtrail")
+    assert "visual_caption" not in cfg.stages and cfg.skip_stages == ["visual_tags", "visual_caption"]
+    assert cfg.stages[-2:] == ["fuse", "judge"]
+    cfg = load_config(None, ["skip_stages=[]"], recipe="mmtrail")
+    assert cfg.stages.index("visual_tags") < cfg.stages.index("visual_caption") < cfg.stages.index("fuse")
+    assert load_config(None, [], recipe="mmtrail") == load_config(None, [], recipe="mmtrail")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_config(None, ["skip_stages=[teleport]"])
+    with pytest.raises(ConfigError, match="leaves no stage"):
+        load_config(None, ["stages=[download]", "skip_stages=[download]"])
+
+
+def test_unknown_recipe() -> None:
+    with pytest.raises(ConfigError, match="unknown recipe 'nope'; known: .*mmtrail"):
+        load_config(None, [], recipe="nope")
+
+
+# ---------------------------------------------------------------------- checked reads
+
+
+def test_a_stage_whose_reads_no_earlier_stage_writes_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"stage 'extract' reads 'key'.*no earlier stage \(download\) writes; written by split"):
+        load_config(None, ["stages=[download, extract]"])
+    with pytest.raises(ConfigError, match="stage 'judge' reads 'caption'.*written by fuse"):
+        load_config(None, ["stages=[download, split, extract, quality, judge, fuse]"])
+    with pytest.raises(ConfigError, match="stage 'dedup' reads 'content_hash'"):
+        load_config(None, ["stages=[download, split, extract, dedup, fingerprint]"])
+    # optional reads (signals fuse uses when present) are not required
+    load_config(None, ["stages=[download, split, extract, quality, fuse]"])
+
+
+# ---------------------------------------------------------------------- bad commands: one line, exit status 2
+
+
+def _cli(capsys: pytest.CaptureFixture[str], tmp_path: Path, *extra: str, output: Path | None = None) -> tuple[int, str]:
+    from pipeline.cli import main
+
+    inputs = tmp_path / "list.txt"
+    inputs.write_text("")
+    out = output or tmp_path / "out"
+    code = main(["run", "--input", str(inputs), "--output", str(out), "--dry-run", *extra])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("avforge: error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_output_that_is_a_file_or_under_one(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "taken"
+    f.write_text("x")
+    line = _one_line_error(*_cli(capsys, tmp_path, output=f))
+    assert "is an existing file" in line
+    line = _one_line_error(*_cli(capsys, tmp_path, output=f / "deeper" / "out"))
+    assert "lies under" in line and "taken" in line
+    line = _one_line_error(*_cli(capsys, tmp_path, output=tmp_path / ("x" * 5000)))
+    assert len(line) < 600  # ENAMETOOLONG: the name is echoed cut short
+    assert _cli(capsys, tmp_path, output=tmp_path / "fresh")[0] == 0
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path, value: str) -> None:
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", f"download.max_filesize_mb={value}"))
+    assert "download.max_filesize_mb" in line and "finite" in line
+
+
+def test_empty_stage_list(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", "stages=[]"))
+    assert "stages" in line and "at least 1" in line
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "download.proxy=!!binary aGVsbG8=",
+        "download.retries=!!int 3",
+        "split.mode=!!python/object/apply:os.system ['touch pwned']",
+        "download.allowed_hosts=!!set {a, b}",
+        "extract.frames_per_clip=!custom 3",
+        "stages=[download, !!str split]",
+        "report.seed=2026-01-01",  # an implicit timestamp is not a tag: a plain type error
+    ],
+)
+def test_yaml_tags_in_set_values_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path, assignment: str) -> None:
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", assignment))
+    if "2026" in assignment:
+        assert "report.seed" in line
+    else:
+        assert "YAML tag" in line and "not allowed" in line
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_a_quoted_bang_is_text(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert _cli(capsys, tmp_path, "--set", "visual_caption.text_prompt='!a video of'")[0] == 0
+
+
+BILLION_LAUGHS = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+@pytest.mark.timeout(20)
+def test_billion_laughs_config_is_refused_quickly(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS)
+    assert len(BILLION_LAUGHS) < 400
+    line = _one_line_error(*_cli(capsys, tmp_path, "--config", str(bomb)))
+    assert "expands to more than" in line and len(line) < 300
+    # the same through --set, and a self-referencing alias
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", "split=" + BILLION_LAUGHS.replace("\n", ", ").join("{}")))
+    assert "--set split: YAML expands to more than" in line
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("split: &s {x: *s}\n")
+    assert "expands to more than" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(loop)))
+
+
+def test_small_aliases_are_fine(tmp_path: Path) -> None:
+    f = tmp_path / "shared.yaml"
+    f.write_text("fuse:\n  llm: &llm {temperature: 0.2, max_tokens: 200}\njudge:\n  llm: *llm\n")
+    cfg = load_config(f, [])
+    assert cfg.judge.llm.temperature == 0.2 and cfg.fuse.llm.max_tokens == 200
+
+
+def test_duplicate_keys_and_deep_nesting_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("split:\n  mode: shots\n  mode: fixed\n")
+    assert "duplicate key 'mode' at line 3" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(dup)))
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert "nested deeper" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(deep)))
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("split: !!python/object:os.system {}\n")
+    assert "YAML tag" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(tagged)))
+
+
+def test_echoed_values_are_capped(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    huge = "x" * 100_000
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", f"split.mode={huge}"))
+    assert "split.mode" in line and len(line) < 600
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", f"split.{huge}=1"))
+    assert "unknown key" in line and len(line) < 1000
+    many = tmp_path / "many.yaml"
+    many.write_text("split:\n" + "".join(f"  k{i}: {i}\n" for i in range(500)))
+    line = _one_line_error(*_cli(capsys, tmp_path, "--config", str(many)))
+    assert "and 490 more" in line and len(line) < 4100
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("stages: " + str([[["a" * 50] * 50] * 50]) + "\n")
+    assert len(_one_line_error(*_cli(capsys, tmp_path, "--config", str(nested)))) < 1500
+
+
+def test_config_file_problems_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("split:\n  mode: [shots\n")
+    assert "not valid YAML" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(bad)))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00split")
+    assert "UTF-8" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(binary)))
+    assert "is a directory" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(tmp_path)))
+    two = tmp_path / "two.yaml"
+    two.write_text("split: {}\n---\nextract: {}\n")
+    assert "not valid YAML" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(two)))
+    assert "unknown recipe" in _one_line_error(*_cli(capsys, tmp_path, "--recipe", "../../etc/passwd"))
