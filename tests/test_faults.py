@@ -306,7 +306,7 @@ def _finished_shards(out: Path) -> dict[str, tuple[int, int]]:
 
 def _cli(inputs: Path, out: Path, address: str) -> list[str]:
     sets = [a for s in SETTINGS for a in ("--set", s)]
-    return [sys.executable, "-m", "pipeline.cli", "run", "--input", str(inputs), "--output", str(out),
+    return [sys.executable, "-m", "pipeline.cli", "run", "--recipe", "media", "--input", str(inputs), "--output", str(out),
             "--address", address, *sets]  # fmt: skip
 
 

@@ -23,7 +23,7 @@ def _inputs(corpus_dir: Path, tmp: Path) -> Path:
 
 
 def _cmd(inputs: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "run", "--input", str(inputs), "--output", str(out), *ARGS]
+    return [sys.executable, "-m", "pipeline.cli", "run", "--recipe", "media", "--input", str(inputs), "--output", str(out), *ARGS]
 
 
 def _keys(out: Path) -> list[str]:
