@@ -38,7 +38,17 @@ class DownloadConfig(Section):
     max_filesize_mb: float | None = Field(2048.0, gt=0)
     max_duration_seconds: float | None = Field(4 * 3600.0, gt=0)
     concurrency: int = Field(4, ge=1, description="downloads in flight")
-    max_download_seconds: float | None = Field(3600.0, gt=0, description="wall-clock cap of one download")
+    max_download_seconds: float | None = Field(
+        3600.0, gt=0, description="hard wall-clock deadline of one input's download, retries and waits included"
+    )
+    max_retry_wait_seconds: float = Field(
+        120.0, ge=0, description="longest Retry-After (429/503) honoured; a longer one fails the input at once"
+    )
+    allow_external_downloaders: bool = Field(
+        False,
+        description="let yt-dlp hand streams to ffmpeg/rtmpdump/aria2c (live HLS/DASH, rtmp, SAMPLE-AES): "
+        "those programs connect outside the address guard",
+    )
     max_source_height: int | None = Field(4320, gt=0, description="refuse sources taller than this (pixels)")
     allow_local_paths: bool = Field(True, description="accept plain local paths (the LIST is the operator's)")
     local_path_roots: list[Path] | None = Field(None, description="if set, local paths must lie under these")

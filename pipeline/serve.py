@@ -24,21 +24,35 @@ class Route:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     endless: bool = False  # stream ``body`` over and over without Content-Length (bounded: 30 s, 256 MiB)
+    #: send ``body`` one byte every this many seconds (a trickling server; bounded: 60 s)
+    trickle_seconds: float | None = None
+    #: the Content-Length to announce (e.g. larger than ``body`` for a trickle); None: len(body);
+    #: -1: none
+    content_length: int | None = None
 
 
 class _Handler(SimpleHTTPRequestHandler):
     routes: dict[str, Route] = {}
+    requests: list[str] | None = None  # paths requested, in order (tests count them)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        if self.requests is not None:
+            self.requests.append(self.path)
         route = self.routes.get(self.path.split("?")[0])
         if route is None:
             super().do_GET()
             return
         self.send_response(route.status)
-        headers = dict(route.headers) if route.endless else {"Content-Length": str(len(route.body)), **route.headers}
+        length = len(route.body) if route.content_length is None else route.content_length
+        headers = dict(route.headers)
+        if not route.endless and length >= 0:
+            headers = {"Content-Length": str(length), **headers}
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
+        if route.trickle_seconds is not None:
+            self._trickle(route)
+            return
         if not route.endless:
             self.wfile.write(route.body)
             return
@@ -50,7 +64,21 @@ class _Handler(SimpleHTTPRequestHandler):
                 return
             sent += len(route.body)
 
+    def _trickle(self, route: Route) -> None:
+        deadline = time.monotonic() + 60
+        for i in range(len(route.body)):
+            if time.monotonic() > deadline:
+                return
+            try:
+                self.wfile.write(route.body[i : i + 1])
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(route.trickle_seconds or 0)
+
     def do_HEAD(self) -> None:  # noqa: N802
+        if self.requests is not None:
+            self.requests.append(self.path)
         if self.path.split("?")[0] in self.routes:
             route = self.routes[self.path.split("?")[0]]
             self.send_response(route.status)
@@ -72,10 +100,16 @@ class _Server(ThreadingHTTPServer):
 
 @contextmanager
 def serve_directory(
-    root: Path, routes: dict[str, Route] | None = None, port: int = 0, host: str = "127.0.0.1"
+    root: Path,
+    routes: dict[str, Route] | None = None,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    requests: list[str] | None = None,
 ) -> Iterator[str]:
-    """Serve ``root`` on a loopback address in a background thread; yields the base URL."""
-    handler = type("Handler", (_Handler,), {"routes": dict(routes or {})})
+    """Serve ``root`` on a loopback address in a background thread; yields the base URL.
+    If ``requests`` is given, every requested path is appended to it."""
+    # the routes dict itself (not a copy): a test may add routes that need the base URL
+    handler = type("Handler", (_Handler,), {"routes": routes if routes is not None else {}, "requests": requests})
     server = _Server((host, port), functools.partial(handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

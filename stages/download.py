@@ -1,16 +1,33 @@
 """Download: fetch each input into the staging area with yt-dlp (local paths used in place).
 
-Every failure gets a typed ``error_type``: ``not_found``, ``forbidden``, ``rate_limited``,
-``timeout``, ``unreachable``, ``server_error``, ``not_a_video``, ``empty_file``,
-``corrupt_media``, ``too_large``, ``too_long``, ``local_paths_disabled`` or ``download_failed``.
-Transient failures (rate limits, timeouts, 5xx) are retried with exponential backoff.
+Every failure gets a documented ``error_type`` (pipeline/errors.py ``ERROR_TYPES``):
+``not_found``, ``forbidden``, ``rate_limited``, ``timeout``, ``unreachable``, ``server_error``,
+``blocked_address``, ``unsupported_scheme``, ``protocol_refused``, ``playlist_refused``,
+``not_a_video``, ``empty_file``, ``corrupt_media``, ``too_large``, ``too_long``,
+``local_paths_disabled``, ``file_url_refused``, ``path_refused`` or ``download_failed``.
+Transient failures (rate limits, socket timeouts, 5xx) are retried with exponential backoff;
+a ``Retry-After`` header (seconds or an HTTP date) is honoured.
+
+yt-dlp runs in a child process (stages/_ytdlp_worker.py, which says what it refuses and why):
+``download.max_download_seconds`` is a hard wall-clock deadline per input, retries and waits
+included. The child stops itself at the deadline; if it cannot (a C-level stall), the stage
+kills its process group a few seconds later and starts a fresh child for the next input.
 """
 
 from __future__ import annotations
 
+import email.utils
+import json
 import logging
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
+import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -18,10 +35,11 @@ from urllib.parse import unquote, urlparse
 from pipeline.config import DownloadConfig
 from pipeline.errors import StageError
 from pipeline import storage
-from pipeline.security import BLOCKED_MARK, address_guard, check_host, redact_text
+from pipeline.security import BLOCKED_MARK, check_host, redact_text
 from pipeline.stage import Resources, Row, Stage, StageContext, per_row
 from pipeline.storage import StagingArea
 from stages._media import probe
+from stages._ytdlp_worker import CAP_MARK
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +47,12 @@ MEDIA_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".ts", ".mpg", ".mpeg", ".m4a", ".mp3", ".wav", ".flac", ".ogg", ".opus"}
 )
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss", "hdfs")
+FETCH_SCHEMES = ("http", "https", "ftp")
 _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
-CAP_MARK = "download cap"
-
-
-class _CapExceeded(Exception):
-    """Raised from yt-dlp's progress hook when a download passes a size or time cap."""
+#: seconds the stage waits past the deadline for the child to stop itself before killing it
+KILL_GRACE_SECONDS = 3.0
+#: first bytes of files ffmpeg would open as a playlist or manifest and follow the URLs inside
+_MANIFEST_HEADS = (b"#EXTM3U", b"#EXTINF", b"<?xml", b"<MPD", b"<SMIL", b"<smil", b"ffconcat", b"[playlist]", b"v=0\r\n", b"v=0\n")
 
 
 def classify_download_error(message: str) -> StageError:
@@ -54,14 +72,21 @@ def classify_download_error(message: str) -> StageError:
             return StageError(message, "forbidden")
         if code == 429:
             return StageError(message, "rate_limited", transient=True)
+        if 300 <= code < 400 and "infinite loop" not in message:
+            # urllib answers a redirect it will not follow (file://, data:, ...) with the 3xx itself
+            return StageError(f"redirect to a scheme that is not fetched: {message}", "unsupported_scheme")
         if code >= 500:
             return StageError(message, "server_error", transient=True)
         return StageError(message, "download_failed")
     low = message.lower()
+    if "file:// urls are disabled" in low or "unsupported url scheme" in low or "no supporting handlers" in low:
+        return StageError(message, "unsupported_scheme")
     if "timed out" in low or "timeout" in low:
         return StageError(message, "timeout", transient=True)
     if "unsupported url" in low or "no video formats" in low or "requested format is not available" in low:
         return StageError(message, "not_a_video")
+    if "drm protected" in low:
+        return StageError(message, "protocol_refused")
     if "private video" in low or "sign in" in low or "members-only" in low:
         return StageError(message, "forbidden")
     if "video unavailable" in low or "not found" in low:
@@ -75,29 +100,108 @@ def classify_download_error(message: str) -> StageError:
     return StageError(message, "download_failed")
 
 
-class _YtdlpLogger:
-    """Route yt-dlp's output into logging and remember its last error and skip notes."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date; None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now_dt = datetime.fromtimestamp(time.time() if now is None else now, timezone.utc)
+    return max(0.0, (when - now_dt).total_seconds())
 
-    def __init__(self) -> None:
-        self.notes: list[str] = []
 
-    def debug(self, msg: str) -> None:
-        if not msg.startswith("[debug] "):
-            self.info(msg)
+def _error_from_answer(answer: dict[str, Any]) -> StageError:
+    kind, message = str(answer.get("kind")), redact_text(str(answer.get("message") or "download failed"))
+    if kind == "deadline":
+        return StageError(message, "timeout")
+    if kind in ("protocol_refused", "playlist_refused", "unsupported_scheme", "blocked_address", "too_large", "download_failed"):
+        return StageError(message, kind)
+    if kind == "notes":
+        if "max-filesize" in message:
+            return StageError(message, "too_large")
+        if "does not pass filter" in message:
+            return StageError(message, "too_long")
+        return StageError(message, "download_failed")
+    err = classify_download_error(message)
+    err.retry_after = parse_retry_after(answer.get("retry_after"))  # type: ignore[attr-defined]
+    return err
 
-    def info(self, msg: str) -> None:
-        msg = redact_text(msg)
-        log.debug("yt-dlp: %s", msg)
-        if "max-filesize" in msg or "does not pass filter" in msg:
-            self.notes.append(msg)
 
-    def warning(self, msg: str) -> None:
-        msg = redact_text(msg)
-        log.debug("yt-dlp warning: %s", msg)
-        self.notes.append(msg)
+class _Worker:
+    """The yt-dlp child process of one stage instance (see stages/_ytdlp_worker.py)."""
 
-    def error(self, msg: str) -> None:
-        log.debug("yt-dlp error: %s", redact_text(msg))
+    def __init__(self, config: DownloadConfig) -> None:
+        data = config.model_dump(mode="json")
+        if config.proxy is not None:
+            data["proxy"] = config.proxy.get_secret_value()
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *[p for p in sys.path if p]])}
+        env["AVFORGE_WORKER_LOG"] = logging.getLevelName(min(max(log.getEffectiveLevel(), logging.DEBUG), logging.WARNING))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stages._ytdlp_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=root,
+            start_new_session=True,  # its own process group: a kill takes ffmpeg & co. with it
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._send({"config": data})
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def request(self, req: dict[str, Any], wait: float | None) -> dict[str, Any] | None:
+        """Send one request; the answer, or None if none came within ``wait`` seconds (the
+        child is then killed)."""
+        self._send(req)
+        out = self.proc.stdout
+        assert out is not None
+        end = None if wait is None else time.monotonic() + wait
+        buf = b""
+        fd = out.fileno()
+        while True:
+            timeout = None if end is None else max(0.0, end - time.monotonic())
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                self.kill()
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise StageError(f"the download worker died (exit status {self.proc.wait()})", "download_failed")
+            buf += chunk
+            if buf.endswith(b"\n"):
+                return json.loads(buf)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.alive():
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
 
 
 class DownloadStage(Stage[DownloadConfig]):
@@ -109,11 +213,17 @@ class DownloadStage(Stage[DownloadConfig]):
 
     def __init__(self, config: DownloadConfig, context: StageContext | None = None) -> None:
         super().__init__(config, context)
-        self._client: tuple[Any, _YtdlpLogger] | None = None  # (YoutubeDL, its logger), per process
-        self._started = 0.0  # when the current download began (max_download_seconds)
+        self._worker: _Worker | None = None  # the yt-dlp child process, started on the first URL
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_client": None}  # sockets and locks: each process builds its own
+        # a child process and a lock: each process starts its own
+        return {k: v for k, v in self.__dict__.items() if k not in ("_worker", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._worker = None
+        self._lock = threading.Lock()
 
     @property
     def resources(self) -> Resources:
@@ -128,19 +238,23 @@ class DownloadStage(Stage[DownloadConfig]):
         return per_row(self._one, rows)
 
     def setup(self) -> None:
-        self._ydl()
+        """Nothing to load: the yt-dlp child starts with the first URL (local inputs never need it)."""
 
     def teardown(self) -> None:
-        if self._client is not None:
-            self._client[0].close()
-            self._client = None
+        with self._lock:
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
 
     # ------------------------------------------------------------------ one input
 
     def _one(self, row: Row) -> dict[str, Any]:
         url: str = row.get("fetch_url") or row["source_url"]
-        parsed = urlparse(url)
-        if parsed.scheme in ("http", "https", "ftp"):
+        try:
+            parsed = urlparse(url)
+        except ValueError as exc:  # e.g. "http://[::1" (an unclosed IPv6 literal)
+            raise StageError(f"not a valid URL: {exc}", "invalid_input") from None
+        if parsed.scheme in FETCH_SCHEMES:
             self._check_address(parsed.hostname or "")
             path, title = self._fetch_with_retries(url, row["video_id"])
         elif parsed.scheme in OBJECT_SCHEMES:
@@ -182,6 +296,7 @@ class DownloadStage(Stage[DownloadConfig]):
     def _check_media(self, path: Path) -> float:
         """Check size, duration and height caps; return the duration."""
         self._check_size(path)
+        self._refuse_manifest(path)
         info = probe(path)
         cap = self.config.max_duration_seconds
         if cap is not None and info.duration > cap:
@@ -191,10 +306,24 @@ class DownloadStage(Stage[DownloadConfig]):
             raise StageError(f"video is {info.height}px tall, over max_source_height={max_h}", "too_large")
         return info.duration
 
+    @staticmethod
+    def _refuse_manifest(path: Path) -> None:
+        """A playlist or manifest (HLS, DASH, SMIL, ffconcat, SDP) is not media: ffmpeg and PyAV
+        would follow the URLs inside it on their own connections, outside the address guard,
+        whatever the file is called. Refused before any decoder opens it."""
+        with path.open("rb") as f:
+            head = f.read(1024).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(_MANIFEST_HEADS):
+            kind = head.split(b"\n", 1)[0][:20].decode("ascii", "replace").strip()
+            raise StageError(f"the file is a playlist or manifest ({kind!r}), not media", "not_a_video")
+
     def preflight(self, url: str) -> None:
         """The checks a download makes before fetching anything (used by ``--dry-run``)."""
-        parsed = urlparse(url)
-        if parsed.scheme in ("http", "https", "ftp"):
+        try:
+            parsed = urlparse(url)
+        except ValueError as exc:
+            raise StageError(f"not a valid URL: {exc}", "invalid_input") from None
+        if parsed.scheme in FETCH_SCHEMES:
             self._check_address(parsed.hostname or "")
         elif parsed.scheme in OBJECT_SCHEMES:
             if not storage.exists(url):
@@ -219,17 +348,22 @@ class DownloadStage(Stage[DownloadConfig]):
                 raise StageError("file:// URLs are refused (download.allow_file_urls=false)", "file_url_refused")
             path = Path(unquote(parsed.path))
         elif parsed.scheme:
-            raise StageError(f"unsupported URL scheme {parsed.scheme!r}", "unsupported_url")
+            raise StageError(f"unsupported URL scheme {parsed.scheme!r}", "unsupported_scheme")
         else:
             if not self.config.allow_local_paths:
                 raise StageError("local paths are refused (download.allow_local_paths=false)", "local_paths_disabled")
             path = Path(url).expanduser()
-        path = path.resolve()
-        roots = self.config.local_path_roots
-        if roots is not None and not any(path.is_relative_to(Path(r).resolve()) for r in roots):
-            raise StageError(f"{path} is outside download.local_path_roots", "path_refused")
-        if not path.is_file():
-            raise StageError(f"no such file: {path}", "not_found")
+        try:
+            path = path.resolve()
+            roots = self.config.local_path_roots
+            if roots is not None and not any(path.is_relative_to(Path(r).resolve()) for r in roots):
+                raise StageError(f"{path} is outside download.local_path_roots", "path_refused")
+            if not path.is_file():
+                raise StageError(f"no such file: {path}", "not_found")
+        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES ...
+            raise StageError(f"cannot use local path: {exc.strerror or exc}", "invalid_input") from None
+        except ValueError as exc:  # embedded NUL
+            raise StageError(f"cannot use local path: {exc}", "invalid_input") from None
         return path
 
     def _check_size(self, path: Path) -> None:
@@ -248,123 +382,76 @@ class DownloadStage(Stage[DownloadConfig]):
             if cached.is_file():
                 log.info("download %s: reusing %s", video_id, cached)
                 return cached, title or None
-        delay = self.config.backoff_seconds
-        for attempt in range(self.config.retries + 1):
-            if self.config.sleep_seconds:
-                time.sleep(self.config.sleep_seconds)
+        cfg = self.config
+        limit = cfg.max_download_seconds
+        deadline = None if limit is None else time.monotonic() + limit  # per input, retries included
+        delay = cfg.backoff_seconds
+        for attempt in range(cfg.retries + 1):
+            if cfg.sleep_seconds:
+                self._sleep(cfg.sleep_seconds, deadline, "sleep_seconds")
             try:
-                path, title = self._fetch(url, video_id, target_dir)
+                path, title = self._fetch(url, video_id, target_dir, deadline)
                 done.write_text(f"{path.name}\n{title or ''}")
                 return path, title
             except StageError as exc:
-                if not exc.transient or attempt == self.config.retries:
+                if not exc.transient or attempt == cfg.retries:
                     raise
-                log.info("download %s: %s (attempt %d), retrying in %.1fs", url, exc.error_type, attempt + 1, delay)
-                time.sleep(delay)
+                wait = delay
+                hinted = getattr(exc, "retry_after", None)
+                if hinted is not None:
+                    if hinted > cfg.max_retry_wait_seconds:
+                        raise StageError(f"{exc} (Retry-After {hinted:.0f}s is over download.max_retry_wait_seconds)",
+                                         exc.error_type) from None
+                    wait = max(wait, hinted)
+                if deadline is not None and time.monotonic() + wait >= deadline:
+                    raise StageError(f"{exc} (no time left for a retry in {wait:.1f}s before max_download_seconds)",
+                                     exc.error_type) from None
+                log.info("download %s: %s (attempt %d), retrying in %.1fs", redact_text(url), exc.error_type, attempt + 1, wait)
+                time.sleep(wait)
                 delay *= 2
         raise AssertionError("unreachable")
 
-    def _ytdlp_options(self, target_dir: Path, logger: _YtdlpLogger) -> dict[str, Any]:
-        from yt_dlp.utils import parse_bytes
+    @staticmethod
+    def _sleep(seconds: float, deadline: float | None, what: str) -> None:
+        if deadline is not None and time.monotonic() + seconds >= deadline:
+            raise StageError(f"{CAP_MARK}: {what} would pass max_download_seconds", "timeout")
+        time.sleep(seconds)
 
-        cfg = self.config
-        height = cfg.max_height
-        fmt = cfg.format or (
-            f"bv*[height<={height}]+ba/b[height<={height}]/bv*+ba/b" if height else "bv*+ba/b"
-        )
-        opts: dict[str, Any] = {
-            # the file is named by the row's video_id, passed per call as extra info
-            "outtmpl": str(target_dir / "%(avforge_id)s.%(ext)s"),
-            "format": fmt,
-            "merge_output_format": "mp4",
-            "noplaylist": True,
-            "quiet": True,
-            "no_warnings": False,
-            "noprogress": True,
-            "logger": logger,
-            "socket_timeout": cfg.timeout_seconds,
-            "retries": 0,  # retries are ours, with backoff and typed reasons
-            "fragment_retries": 2,
-            "overwrites": True,
-            "continuedl": False,
-            "cachedir": False,
-        }
-        if cfg.max_filesize_mb is not None:
-            opts["max_filesize"] = int(cfg.max_filesize_mb * 1024 * 1024)
-        if cfg.rate_limit:
-            opts["ratelimit"] = parse_bytes(cfg.rate_limit)
-        if cfg.proxy:
-            opts["proxy"] = cfg.proxy.get_secret_value()
-        if cfg.cookies_file:
-            opts["cookiefile"] = str(cfg.cookies_file)
-        if cfg.max_duration_seconds is not None:
-            cap = cfg.max_duration_seconds
-
-            def _duration_filter(info: dict[str, Any], *, incomplete: bool = False) -> str | None:
-                d = info.get("duration")
-                return f"duration {d}s exceeds {cap}s" if d and d > cap else None
-
-            opts["match_filter"] = _duration_filter
-        opts["progress_hooks"] = [self._cap_hook]
-        return opts
-
-    def _ydl(self) -> tuple[Any, _YtdlpLogger]:
-        """This stage's YoutubeDL, built once per process: building one costs ~45 ms of CPU
-        (option parsing, ~1,800 extractor entries, a TLS context), as much as a small download.
-        Rows are fetched one at a time; per-call state (log notes, cap clock) is reset per call."""
-        if self._client is None:
-            import yt_dlp
-
-            logger = _YtdlpLogger()
-            ydl = yt_dlp.YoutubeDL(self._ytdlp_options(self.staging.root / "videos", logger))
-            self._client = (ydl, logger)
-        return self._client
-
-    def _cap_hook(self, status: dict[str, Any]) -> None:
-        """Abort endless or oversized streams (no Content-Length) and downloads that take too long."""
-        cfg = self.config
-        got = status.get("downloaded_bytes") or 0
-        if cfg.max_filesize_mb is not None and got > cfg.max_filesize_mb * 1024 * 1024:
-            raise _CapExceeded(f"{CAP_MARK}: {got} bytes received, over max_filesize_mb")
-        limit = cfg.max_download_seconds
-        if limit is not None and time.monotonic() - self._started > limit:
-            raise _CapExceeded(f"{CAP_MARK}: still downloading after max_download_seconds={limit}")
-
-    def _fetch(self, url: str, video_id: str, target_dir: Path) -> tuple[Path, str | None]:
-        import yt_dlp
-
-        ydl, logger = self._ydl()
-        logger.notes.clear()
-        self._started = time.monotonic()
-        cfg = self.config
+    def _fetch(self, url: str, video_id: str, target_dir: Path, deadline: float | None) -> tuple[Path, str | None]:
         # A direct link to a media file needs no site extractor: skip matching ~1800 of them
         # (about 1 s of regex compilation in each new worker process).
         generic = Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise StageError(f"{CAP_MARK}: no time left (max_download_seconds)", "timeout")
+        req = {"url": url, "video_id": video_id, "target_dir": str(target_dir), "seconds_left": left, "generic": generic}
         try:
-            with address_guard(cfg.allow_private_addresses, cfg.allowed_hosts):
-                info = ydl.extract_info(
-                    url, download=True, force_generic_extractor=generic, extra_info={"avforge_id": video_id}
-                )
-        except yt_dlp.utils.DownloadError as exc:
-            raise classify_download_error(str(exc)) from None
-        except (OSError, _CapExceeded) as exc:
-            raise classify_download_error(f"{type(exc).__name__}: {exc}") from None
+            with self._lock:
+                if self._worker is None or not self._worker.alive():
+                    self._worker = _Worker(self.config)
+                answer = self._worker.request(req, None if left is None else left + KILL_GRACE_SECONDS)
+                if answer is None:
+                    self._worker = None  # killed: the next input gets a fresh child
         finally:
             for part in target_dir.glob(f"{video_id}.*.part"):
                 part.unlink(missing_ok=True)
-        if info is None:
-            raise StageError("; ".join(logger.notes) or "yt-dlp returned nothing", "download_failed")
-        if info.get("_type") == "playlist":
-            raise StageError("URL is a playlist; give one URL per video", "not_a_video")
-        downloads = info.get("requested_downloads") or []
-        files = [Path(d["filepath"]) for d in downloads if d.get("filepath")]
+        if answer is None or not answer.get("ok"):  # partial files, fragments, .ytdl state
+            for partial in target_dir.glob(f"{video_id}.*"):
+                if partial.suffix != ".done":
+                    partial.unlink(missing_ok=True)
+        if answer is None:
+            raise StageError(f"{CAP_MARK}: still downloading at max_download_seconds={self.config.max_download_seconds}; "
+                             "the download was killed", "timeout")
+        if not answer.get("ok"):
+            raise _error_from_answer(answer)
+        files = [Path(f) for f in answer.get("files") or []]
         files = [f for f in files if f.is_file() and f.resolve().parent == target_dir.resolve()]
         if not files:
-            notes = "; ".join(logger.notes)
+            notes = "; ".join(answer.get("notes") or [])
             if "max-filesize" in notes:
                 raise StageError(notes, "too_large")
             if "does not pass filter" in notes:
                 raise StageError(notes, "too_long")
             raise StageError(notes or "yt-dlp produced no file", "download_failed")
-        title = info.get("title")
+        title = answer.get("title")
         return files[0], str(title) if title else None

@@ -1,0 +1,313 @@
+"""Hostile servers against the download stage, on loopback addresses.
+
+The "refused" server runs on 127.0.0.1, which is never allowed here; the "allowed" server runs on
+127.0.0.2, allowed through ``download.allowed_hosts``. Every test that points something at the
+refused server asserts that it received no request at all: every byte must come through a
+connection the address guard checked, including HLS keys and segments fetched by yt-dlp's
+downloaders and anything ffmpeg would fetch on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DownloadConfig
+from pipeline.errors import StageError
+from pipeline.serve import Route, serve_directory
+from pipeline.stage import StageContext
+from stages.download import DownloadStage, parse_retry_after
+
+ALLOWED = "127.0.0.2"
+
+
+def _row(url: str, vid: str = "v1") -> dict:
+    return {"video_id": vid, "source_url": url, "input_index": 0}
+
+
+def _stage(tmp_path: Path, **cfg: object) -> DownloadStage:
+    base: dict[str, object] = {"retries": 0, "timeout_seconds": 5.0, "allowed_hosts": [ALLOWED]}
+    return DownloadStage(DownloadConfig(**{**base, **cfg}), StageContext(str(tmp_path / "staging")))
+
+
+def _one(stage: DownloadStage, url: str, vid: str = "v1") -> object:
+    try:
+        (res,) = stage.process_batch([_row(url, vid)])
+    finally:
+        stage.teardown()
+    return res
+
+
+def _err(res: object) -> StageError:
+    assert isinstance(res, StageError), res
+    return res
+
+
+@pytest.fixture(scope="module")
+def hls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three 1 s MPEG-TS segments (e0..e2.ts) and the same three encrypted with AES-128 (c0..c2.ts, key k.key)."""
+    root = tmp_path_factory.mktemp("hls")
+    src = ["-f", "lavfi", "-i", "testsrc=duration=3:size=160x120:rate=10", "-f", "lavfi", "-i", "sine=duration=3"]
+    enc = ["-c:v", "libx264", "-preset", "ultrafast", "-g", "10", "-c:a", "aac", "-shortest", "-f", "hls",
+           "-hls_time", "1", "-hls_list_size", "0"]
+    ff = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y"]
+    subprocess.run([*ff, *src, *enc, "-hls_segment_filename", str(root / "e%d.ts"), str(root / "plain.m3u8")], check=True)
+    (root / "k.key").write_bytes(bytes(range(16)))
+    (root / "ki.txt").write_text(f"KEYURI\n{root / 'k.key'}\n")
+    subprocess.run([*ff, *src, *enc, "-hls_key_info_file", str(root / "ki.txt"), "-hls_segment_filename",
+                    str(root / "c%d.ts"), str(root / "enc.m3u8")], check=True)
+    return root
+
+
+@pytest.fixture()
+def refused(hls_dir: Path) -> Iterator[tuple[str, list[str]]]:
+    """A server on 127.0.0.1 (never allowed here) and the list of paths it was asked for."""
+    log: list[str] = []
+    with serve_directory(hls_dir, requests=log, host="127.0.0.1") as base:
+        yield base, log
+
+
+def _playlist(segments: list[str], *, key: str | None = None, method: str = "AES-128", endlist: bool = True,
+              sequence: int = 0) -> bytes:
+    lines = ["#EXTM3U", "#EXT-X-VERSION:3", "#EXT-X-TARGETDURATION:1", f"#EXT-X-MEDIA-SEQUENCE:{sequence}"]
+    if key is not None:
+        lines.append(f'#EXT-X-KEY:METHOD={method},URI="{key}",IV=0x00000000000000000000000000000000')
+    for seg in segments:
+        lines += ["#EXTINF:1.0,", seg]
+    if endlist:
+        lines.append("#EXT-X-ENDLIST")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _m3u8(body: bytes) -> Route:
+    return Route(200, body, {"Content-Type": "application/vnd.apple.mpegurl"})
+
+
+# ----------------------------------------------------------------------------- HLS and the address guard
+
+
+def test_native_hls_with_aes128_works_on_an_allowed_host(hls_dir: Path, tmp_path: Path) -> None:
+    """The control: a VOD playlist, its AES-128 key and segments all on the allowed host download
+    natively (key and segments through the guard) into a playable file."""
+    log: list[str] = []
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED, requests=log) as base:
+        routes["/vod.m3u8"] = _m3u8(_playlist([f"{base}/c{i}.ts" for i in range(3)], key=f"{base}/k.key"))
+        res = _one(_stage(tmp_path), f"{base}/vod.m3u8")
+    assert not isinstance(res, Exception), res
+    assert res["video_duration"] > 2
+    assert "/k.key" in log and "/c2.ts" in log
+
+
+@pytest.mark.parametrize("what", ["segments", "key", "segment_redirect", "variant"])
+def test_hls_parts_on_refused_addresses_fetch_nothing(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]],
+                                                      what: str) -> None:
+    bad, bad_log = refused
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        if what == "segments":
+            body = _playlist([f"{bad}/e{i}.ts" for i in range(3)])
+        elif what == "key":
+            body = _playlist([f"{base}/c{i}.ts" for i in range(3)], key=f"{bad}/k.key")
+        elif what == "segment_redirect":
+            routes["/hop0.ts"] = Route(302, b"", {"Location": f"{bad}/e0.ts"})
+            body = _playlist([f"{base}/hop0.ts", f"{base}/e1.ts"])
+        else:  # a master playlist whose variant lives on the refused host
+            body = b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000,RESOLUTION=160x120\n" + f"{bad}/v.m3u8\n".encode()
+            # (never served: the request must not happen)
+        routes["/p.m3u8"] = _m3u8(body)
+        res = _one(_stage(tmp_path), f"{base}/p.m3u8")
+    err = _err(res)
+    assert err.error_type in ("blocked_address", "not_a_video"), err
+    assert bad_log == [], bad_log
+    assert not list((tmp_path / "staging" / "videos").glob("v1.*[!e]"))  # nothing kept (only .done may never exist)
+
+
+@pytest.mark.parametrize("case", ["live", "sample_aes", "live_sequence"])
+def test_streams_yt_dlp_would_hand_to_ffmpeg_are_refused(hls_dir: Path, tmp_path: Path,
+                                                        refused: tuple[str, list[str]], case: str) -> None:
+    """A playlist that looks live, or uses SAMPLE-AES: yt-dlp delegates these to the ffmpeg binary,
+    which connects on its own. Refused (protocol_refused), and nothing reaches the refused host."""
+    bad, bad_log = refused
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        if case == "live":
+            body = _playlist([f"{bad}/e{i}.ts" for i in range(3)], endlist=False)
+        elif case == "sample_aes":
+            body = _playlist([f"{bad}/c{i}.ts" for i in range(3)], key=f"{bad}/k.key", method="SAMPLE-AES")
+        else:
+            body = _playlist([f"{bad}/e{i}.ts" for i in range(3)], endlist=False, sequence=4711)
+        routes["/p.m3u8"] = _m3u8(body)
+        started = time.monotonic()
+        res = _one(_stage(tmp_path, max_download_seconds=30), f"{base}/p.m3u8")
+    err = _err(res)
+    assert err.error_type == "protocol_refused", err
+    assert "allow_external_downloaders" in str(err)
+    assert bad_log == []
+    assert time.monotonic() - started < 25
+
+
+def test_a_downloaded_manifest_is_not_media(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]]) -> None:
+    """A "video.mp4" that is really an HLS playlist: ffmpeg/PyAV would follow its URLs."""
+    bad, bad_log = refused
+    routes = {"/video.mp4": Route(200, _playlist([f"{bad}/e0.ts"]), {"Content-Type": "video/mp4"})}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        res = _one(_stage(tmp_path), f"{base}/video.mp4")
+    err = _err(res)
+    assert err.error_type == "not_a_video" and "manifest" in str(err)
+    assert bad_log == []
+
+
+def test_media_url_and_redirects_to_refused_addresses(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]]) -> None:
+    bad, bad_log = refused
+    routes = {
+        "/hop.ts": Route(302, b"", {"Location": f"{bad}/e0.ts"}),
+        "/hop2.ts": Route(301, b"", {"Location": f"http://{ALLOWED}:1/x"}),  # allowed but closed: not blocked
+        "/ipv6.ts": Route(302, b"", {"Location": "http://[::1]:80/e0.ts"}),
+        "/meta.ts": Route(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"}),
+        "/mapped.ts": Route(302, b"", {"Location": "http://[::ffff:127.0.0.1]/e0.ts"}),
+        "/decimal.ts": Route(302, b"", {"Location": "http://2130706433/e0.ts"}),
+    }
+    stage = _stage(tmp_path)
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        rows = [_row(f"{bad}/e0.ts", "direct")] + [_row(f"{base}/{n}.ts", n) for n in ("hop", "ipv6", "meta", "mapped", "decimal")]
+        results = stage.process_batch(rows)
+    stage.teardown()
+    for row, res in zip(rows, results, strict=True):
+        assert _err(res).error_type == "blocked_address", (row["video_id"], res)
+    assert bad_log == []
+
+
+def test_redirect_to_file_url_is_an_unsupported_scheme(hls_dir: Path, tmp_path: Path) -> None:
+    routes = {"/f.mp4": Route(302, b"", {"Location": "file:///etc/passwd"})}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        res = _one(_stage(tmp_path), f"{base}/f.mp4")
+    err = _err(res)
+    assert err.error_type == "unsupported_scheme", err
+    assert "root:" not in str(err)
+
+
+def test_rtsp_link_in_a_page_is_a_documented_type(hls_dir: Path, tmp_path: Path) -> None:
+    from pipeline.errors import ERROR_TYPES
+
+    page = b'<html><body><video src="rtsp://127.0.0.1:554/cam"></video></body></html>'
+    routes = {"/page.html": Route(200, page, {"Content-Type": "text/html"})}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        res = _one(_stage(tmp_path), f"{base}/page.html")
+    err = _err(res)
+    assert err.error_type in ERROR_TYPES
+    assert err.error_type in ("unsupported_scheme", "protocol_refused", "not_a_video", "blocked_address"), err
+
+
+# ----------------------------------------------------------------------------- amplification
+
+
+def test_a_page_of_200_videos_costs_the_page_only(hls_dir: Path, tmp_path: Path) -> None:
+    log: list[str] = []
+    page = "<html><body>" + "".join(f'<video src="/v{i:03d}.mp4"></video>' for i in range(200)) + "</body></html>"
+    routes = {"/list.html": Route(200, page.encode(), {"Content-Type": "text/html"})}
+    with serve_directory(hls_dir, routes, host=ALLOWED, requests=log) as base:
+        res = _one(_stage(tmp_path), f"{base}/list.html")
+    err = _err(res)
+    assert err.error_type == "playlist_refused", err
+    assert [p for p in log if p.startswith("/v")] == [], log
+    assert len(log) <= 2, log  # the page (and at most one retry of it)
+
+
+def test_a_page_with_one_video_is_accepted(hls_dir: Path, tmp_path: Path) -> None:
+    page = b'<html><body><video src="/e0.ts"></video></body></html>'
+    routes = {"/one.html": Route(200, page, {"Content-Type": "text/html"})}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        res = _one(_stage(tmp_path), f"{base}/one.html")
+    assert not isinstance(res, Exception), res
+
+
+# ----------------------------------------------------------------------------- hard deadline
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("length", [10_000_000, -1], ids=["with_length", "without_length"])
+def test_trickling_server_ends_at_the_deadline(hls_dir: Path, tmp_path: Path, length: int) -> None:
+    """Headers, then one byte a second: a socket timeout never fires; the deadline does."""
+    routes = {"/slow.mp4": Route(200, b"\0" * 1000, {"Content-Type": "video/mp4"}, trickle_seconds=1.0,
+                                 content_length=length)}
+    deadline = 3.0
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        stage = _stage(tmp_path, max_download_seconds=deadline, retries=2)
+        started = time.monotonic()
+        res = _one(stage, f"{base}/slow.mp4")
+        took = time.monotonic() - started
+    err = _err(res)
+    assert err.error_type == "timeout", err
+    assert took < deadline + 5, took  # deadline plus start-up and kill slack, whatever the library does
+    assert not [p for p in (tmp_path / "staging" / "videos").glob("v1.*")]
+
+
+@pytest.mark.timeout(120)
+def test_deadline_kills_ffmpeg_when_external_downloaders_are_allowed(hls_dir: Path, tmp_path: Path) -> None:
+    """An endless (live) playlist handed to ffmpeg, explicitly allowed: the deadline still ends it,
+    and ffmpeg does not outlive it (the whole process group is stopped)."""
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        routes["/slow.ts"] = Route(200, b"\x47" * 2000, {"Content-Type": "video/mp2t"}, trickle_seconds=0.5)
+        routes["/live.m3u8"] = _m3u8(_playlist([f"{base}/slow.ts"] * 50, endlist=False))
+        stage = _stage(tmp_path, max_download_seconds=4, allow_external_downloaders=True)
+        started = time.monotonic()
+        (res,) = stage.process_batch([_row(f"{base}/live.m3u8")])
+        took = time.monotonic() - started
+        worker = stage._worker
+        stage.teardown()
+    err = _err(res)
+    assert err.error_type in ("timeout", "download_failed", "not_a_video", "corrupt_media"), err
+    assert took < 4 + 6, took
+    if worker is not None:  # the child stopped itself; its ffmpeg must be gone too
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(worker.proc.pid, 0)
+
+
+# ----------------------------------------------------------------------------- Retry-After
+
+
+def test_parse_retry_after() -> None:
+    now = time.time()
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(" 0 ") == 0.0
+    when = parse_retry_after(formatdate(now + 30, usegmt=True), now=now)
+    assert when is not None and 28 <= when <= 31
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None and parse_retry_after("-3") is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("form", ["seconds", "http_date"])
+def test_retry_after_is_honoured(hls_dir: Path, tmp_path: Path, form: str) -> None:
+    times: list[float] = []
+
+    class Log(list):  # record when each request arrived
+        def append(self, item: str) -> None:
+            times.append(time.monotonic())
+            super().append(item)
+
+    value = "2" if form == "seconds" else formatdate(time.time() + 8, usegmt=True)  # the child starts first
+    routes = {"/busy.mp4": Route(429, b"slow down", {"Retry-After": value})}
+    with serve_directory(hls_dir, routes, host=ALLOWED, requests=Log()) as base:
+        res = _one(_stage(tmp_path, retries=1, backoff_seconds=0.1), f"{base}/busy.mp4")
+    assert _err(res).error_type == "rate_limited"
+    assert len(times) == 2, times
+    assert times[1] - times[0] >= 1.9, times
+
+
+def test_retry_after_beyond_the_deadline_fails_at_once(hls_dir: Path, tmp_path: Path) -> None:
+    routes = {"/busy.mp4": Route(429, b"slow down", {"Retry-After": "3600"})}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        started = time.monotonic()
+        res = _one(_stage(tmp_path, retries=3, max_download_seconds=20), f"{base}/busy.mp4")
+    assert _err(res).error_type == "rate_limited"
+    assert time.monotonic() - started < 15
