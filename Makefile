@@ -1,40 +1,60 @@
 # avforge: the two commands are `make demo` and `make test`; both install what they need.
+# Nothing here compiles C++: the offline LLM runs through transformers (llama-cpp-python is the
+# optional `llamacpp` extra, never installed by these targets).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,audio,llm,visual,loader,dedup,cloud,cluster
-APT_PACKAGES := ffmpeg espeak-ng chromium
-# llama-cpp-python is an sdist: build it with both cores
-export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+# extras of the demo (the whole mmtrail recipe on CPU) and, on top, of the test suite
+DEMO_EXTRAS ?= audio,llm,visual,dedup
+EXTRAS ?= test,$(DEMO_EXTRAS),loader,cloud,cluster
+DEMO_APT := ffmpeg espeak-ng
+APT_PACKAGES := $(DEMO_APT) chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PIP := $(BIN)/pip install -q --disable-pip-version-check
 
-.PHONY: setup system venv demo test bench clean
+.PHONY: setup system system-demo venv venv-demo demo test bench recipes clean
 
-## system packages (Debian): ffmpeg, espeak-ng, chromium (the report's browser test)
-system:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
-		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+
+## system packages (Debian): ffmpeg, espeak-ng; chromium only for the tests (the report's browser test)
+system-demo:
+	$(call apt_install,$(DEMO_APT))
+
+system:
+	$(call apt_install,$(APT_PACKAGES))
 
 ## the virtual environment with the package (editable) and the extras
+venv-demo:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e ".[$(DEMO_EXTRAS)]"
+
 venv:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	$(PIP) -e ".[$(EXTRAS)]"
 	@# openai-whisper without its triton dependency (~1 GB, unused on CPU); its other deps are in the audio extra
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps openai-whisper==20250625
+	$(PIP) --no-deps openai-whisper==20250625
 
 setup: system venv
 
-## generate sample videos, serve them on 127.0.0.1, run the pipeline on them (Ray in-process)
-demo: setup
+## generate sample videos, serve them on 127.0.0.1, run the default recipe (mmtrail: the whole
+## pipeline with the offline models) on them, print transcripts, tags and captions of a few clips
+demo: system-demo venv-demo
 	$(BIN)/avforge demo --dir demo
 
 ## the test suite (what CI runs through .ci/run)
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+## the recipes and what each one builds
+recipes: venv-demo
+	$(BIN)/avforge recipes
 
 ## benchmarks (not timed tests): pipeline vs the ffmpeg decode floor at 1x and 4x the corpus
 bench: setup

@@ -4,7 +4,8 @@
   used), plus what the schema cannot say: GPU limits on the GPU group, replicas in range, volumes
   that exist, an entrypoint the avforge CLI accepts;
 * the Ray cluster launcher YAML against Ray's own ray-schema.json and Ray's validate_config;
-* infra/job.yaml against avforge's config models, its GPU demand against the GPU node types;
+* infra/gpu.yaml (the GPU overlay) on every recipe against avforge's config models, its GPU demand
+  against the GPU node types;
 * the Dockerfile's pins against pyproject.toml;
 * the Slurm script with bash -n and by running it with stand-ins for srun, scontrol, ray, avforge.
 """
@@ -119,8 +120,9 @@ def test_rayjob_groups_gpus_volumes_and_entrypoint() -> None:
     assert argv[:2] == ["avforge", "run"]
     args = build_parser().parse_args(argv[1:])
     assert args.address == "auto" and str(args.input).startswith("/data/") and str(args.output).startswith("/data/")
+    assert args.recipe == "mmtrail" and [c.name for c in args.config] == ["gpu.yaml"]  # the overlay on a recipe
     head_mounts = {m["mountPath"]: m["name"] for m in head["template"]["spec"]["containers"][0]["volumeMounts"]}
-    assert head_mounts[str(args.config.parent)] == "job-config"  # --config is read from the ConfigMap
+    assert head_mounts[str(args.config[-1].parent)] == "job-config"  # --config is read from the ConfigMap
 
 
 # ---------------------------------------------------------------------- Ray cluster launcher
@@ -181,21 +183,41 @@ def _rayjob_image() -> str:
     return str(head["template"]["spec"]["containers"][0]["image"])
 
 
-# ---------------------------------------------------------------------- the example job config
+# ---------------------------------------------------------------------- the GPU overlay on every recipe
+
+MODEL_STAGES = {"asr", "audio_tags", "visual_tags", "visual_caption", "text_embed", "fuse", "judge"}
+# GPUs the overlay keeps busy (num_gpus x pool_size, vLLM: tensor_parallel_size x replicas) per recipe,
+# as infra/gpu.yaml and infra/README.md quote them
+GPU_DEMAND = {"mmtrail": 6.25, "howtocaption": 6.25, "favd": 6.25, "valor": 6.25, "wavcaps": 4.75}
 
 
-def test_job_config_is_valid_and_fits_the_gpu_node_types() -> None:
+def _recipes() -> list[str]:
+    from pipeline.config import recipe_names
+
+    return [r for r in recipe_names() if r != "media"]
+
+
+@pytest.mark.parametrize("recipe", sorted(GPU_DEMAND))
+def test_gpu_overlay_on_each_recipe_fits_the_gpu_node_types(recipe: str) -> None:
     from pipeline.config import load_config
     from pipeline.registry import build_stages
     from pipeline.stage import StageContext
 
-    config = load_config(INFRA / "job.yaml")
+    assert sorted(GPU_DEMAND) == sorted(_recipes())
+    plain = load_config(None, recipe=recipe)
+    config = load_config(INFRA / "gpu.yaml", recipe=recipe)
+    assert config.split == plain.split and config.fuse.preset == plain.fuse.preset  # the recipe's choices stay
     stages = build_stages(config, StageContext(staging_dir="/data/out/_staging"))
     gpu_stages = {s.name: s for s in stages if s.resources.gpus > 0}
-    assert set(gpu_stages) == {"asr", "audio_tags", "visual_tags", "visual_caption", "text_embed"}
+    assert set(gpu_stages) == MODEL_STAGES & set(config.stages)  # every model stage runs on a GPU
+    assert {"fuse", "judge"} <= set(gpu_stages)  # the LLM stages are part of every GPU job
+    assert config.fuse.llm.backend == config.judge.llm.backend == "vllm"
     assert all(s.stateful for s in gpu_stages.values())  # GPU work runs in actor pools
     names = [s.name for s in stages]
     assert names.index("dedup") < min(names.index(n) for n in gpu_stages)  # no GPU time on duplicates
+    if recipe != "wavcaps":
+        assert {"visual_tags", "visual_caption"} <= set(names)  # the overlay turns the visual models on
+        assert config.visual_caption.backend == "llm" and config.visual_caption.llm.backend == "vllm"
 
     rayjob_gpu = next(g for g in _yaml("kuberay-rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
                       if g["groupName"] == "gpu")  # fmt: skip
@@ -206,8 +228,16 @@ def test_job_config_is_valid_and_fits_the_gpu_node_types() -> None:
                                 (launcher_gpu["resources"]["GPU"], launcher_gpu["max_workers"])):  # fmt: skip
         assert all(s.resources.gpus <= per_node for s in gpu_stages.values())  # each actor fits one node
         assert demand <= per_node * max_nodes  # all pools fit the group at its largest
-    assert demand == pytest.approx(4.25)  # the figure infra/README.md quotes
-    assert "4.25" in (INFRA / "README.md").read_text()
+    assert demand == pytest.approx(GPU_DEMAND[recipe])
+    assert str(GPU_DEMAND[recipe]) in (INFRA / "README.md").read_text()
+    assert str(GPU_DEMAND[recipe]) in (INFRA / "gpu.yaml").read_text()
+
+
+def test_gpu_overlay_sets_no_recipe_choices() -> None:
+    overlay = _yaml("gpu.yaml")
+    assert not {"stages", "split", "quality", "recipe"} & set(overlay)
+    for stage in ("fuse", "judge"):
+        assert "preset" not in overlay[stage]
 
 
 # ---------------------------------------------------------------------- Dockerfile
@@ -259,13 +289,14 @@ STAGE_EXTRAS = {
 }  # fmt: skip
 
 
-def test_image_has_what_the_example_job_needs() -> None:
+@pytest.mark.parametrize("recipe", ["mmtrail", "wavcaps"])
+def test_image_has_what_the_gpu_jobs_need(recipe: str) -> None:
     from pipeline.config import load_config
 
     _, args = _dockerfile()
     extras = set(args["AVFORGE_EXTRAS"].split(","))
-    needed = {STAGE_EXTRAS[s] for s in load_config(INFRA / "job.yaml").stages if s in STAGE_EXTRAS}
-    assert needed and needed <= extras, f"infra/job.yaml needs extras {sorted(needed - extras)} the image lacks"
+    needed = {STAGE_EXTRAS[s] for s in load_config(INFRA / "gpu.yaml", recipe=recipe).stages if s in STAGE_EXTRAS}
+    assert needed and needed <= extras, f"{recipe} + infra/gpu.yaml needs extras {sorted(needed - extras)} the image lacks"
 
 
 def test_dockerfile_installs_only_pinned_dependencies() -> None:
@@ -345,7 +376,8 @@ SHIM_NODE="$node" exec "$@"
         "SLURM_GPUS_ON_NODE": "4",
         "AVFORGE_INPUT": str(tricky),
         "AVFORGE_OUTPUT": "/shared/out",
-        "AVFORGE_CONFIG": "/shared/job.yaml",
+        "AVFORGE_CONFIG": "/shared/gpu.yaml",
+        "AVFORGE_RECIPE": "howtocaption",
     }
     done = subprocess.run(["bash", str(SBATCH)], check=False, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=50)
     assert done.returncode == 0, done.stderr
@@ -357,8 +389,8 @@ SHIM_NODE="$node" exec "$@"
     workers = [c for c in calls if " ray start --address=10.1.0.1:6379" in c]
     assert sorted(c.split()[1] for c in workers) == ["gpu-b", "gpu-c"]
     driver = [c for c in calls if c.startswith("avforge")]
-    expected = (f"avforge [run] [--input] [{tricky}] [--output] [/shared/out] [--address] [10.1.0.1:6379] "
-                "[--config] [/shared/job.yaml]")  # fmt: skip
+    expected = (f"avforge [run] [--recipe] [howtocaption] [--input] [{tricky}] [--output] [/shared/out] "
+                "[--address] [10.1.0.1:6379] [--config] [/shared/gpu.yaml]")  # fmt: skip
     assert driver == [expected]
     order = [calls.index(head[0]), *(calls.index(w) for w in workers), calls.index(driver[0])]
     assert order == sorted(order) and order[0] < min(order[1:-1])
@@ -382,5 +414,6 @@ def test_infra_readme_covers_each_piece() -> None:
                     "## Metrics for Prometheus"):  # fmt: skip
         assert heading in text
     assert "prom_metrics_service_discovery.json" in text and "--metrics-export-port" in text
-    for name in ("Dockerfile", "kuberay-rayjob.yaml", "ray-cluster.yaml", "slurm/avforge.sbatch", "job.yaml"):
+    for name in ("Dockerfile", "kuberay-rayjob.yaml", "ray-cluster.yaml", "slurm/avforge.sbatch", "gpu.yaml"):
         assert (INFRA / name).exists() and f"`{name}`" in text
+    assert not (INFRA / "job.yaml").exists() and not re.search(r"(?<!ray)job\.yaml", text)  # replaced by the overlay
