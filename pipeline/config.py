@@ -70,6 +70,10 @@ class SplitConfig(Section):
     shot_threshold: float = Field(3.0, gt=0, description="adaptive cut threshold of the shot detector")
     min_shot_seconds: float = Field(0.6, gt=0)
     max_clips_per_video: int = Field(10_000, ge=1)
+    snap_to_silence: bool = Field(
+        True, description="fixed mode: move each cut to the nearest pause in the audio (no clip starts or ends in a word)"
+    )
+    snap_tolerance_seconds: float = Field(2.0, ge=0, description="how far (s) a cut may move to reach a pause")
 
     @model_validator(mode="after")
     def _lengths(self) -> SplitConfig:
@@ -96,6 +100,17 @@ class ExtractConfig(Section):
         "saved frames and analysis thumbnails are then the decoded frames nearest their target times",
     )
     silence_db: float = Field(-50.0, description="50 ms windows below this RMS (dBFS) count as silent")
+    black_pixel_luma: float = Field(
+        37.9, ge=16, le=235, description="a pixel at or under this luma (limited range, black is 16) is dark "
+        "(ffmpeg blackdetect pix_th 0.10)"
+    )
+    black_picture_ratio: float = Field(
+        0.98, gt=0, le=1, description="a frame with this share of dark pixels is black (blackdetect picture_black_ratio_th)"
+    )
+    black_lit_share: float = Field(
+        0.0005, ge=0, le=1, description="... unless this share of its pixels is lit (luma >= 56): a dark picture "
+        "with something in it (stars, lights, a spotlight) is not black"
+    )
     batch_size: int = Field(16, ge=1)
 
 
@@ -105,8 +120,13 @@ class QualityConfig(Section):
     require_audio: bool = True
     require_video: bool = True
     max_silence_ratio: float | None = Field(0.98, ge=0, le=1)
-    max_black_ratio: float | None = Field(0.9, ge=0, le=1)
-    max_frozen_ratio: float | None = Field(0.95, ge=0, le=1)
+    max_black_ratio: float | None = Field(
+        0.9, ge=0, le=1, description="drop_reason=black above this share of black analysis frames (extract.black_*)"
+    )
+    max_frozen_ratio: float | None = Field(
+        0.95, ge=0, le=1, description="drop_reason=frozen above this share of analysis steps without change beyond "
+        "the clip's own noise (stages/_picture.py)"
+    )
 
 
 class WriteConfig(Section):
@@ -342,7 +362,6 @@ class VisualQualityConfig(Section):
     """
 
     analysis_fps: float = Field(4.0, gt=0, le=30, description="frames/s decoded (small greyscale) for motion signals")
-    still_diff: float = Field(1.0, ge=0, description="mean abs luma change (0-255) under which two analysis frames are 'still'")
     cut_diff: float = Field(25.0, gt=0, description="mean abs luma change above which two analysis frames are a hard cut")
     slideshow_min_still: float = Field(0.8, ge=0, le=1, description="a clip with at least one cut and this share of still steps is a slideshow")
     drop_slideshow: bool = True

@@ -58,6 +58,109 @@ def load_audio(path: str | Path) -> np.ndarray:
     return audio
 
 
+def load_audio_window(path: str | Path, start: float, end: float) -> tuple[np.ndarray, float]:
+    """Decode [start, end) seconds (from the stream's first sample) of ``path`` to 16 kHz mono float32.
+
+    Seeks near ``start`` instead of decoding the whole track (cheap on long videos). Returns the
+    samples and the time of the first one (close to ``start``; later when the audio starts later).
+    Raises StageError when the file has no audio stream or cannot be decoded.
+    """
+    import av
+
+    from stages._media import stream_origin
+
+    if is_remote(path):
+        path = localize(str(path))
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError, OSError) as exc:
+        raise StageError(f"cannot open {Path(path).name}: {exc}", "corrupt_media") from None
+    chunks: list[np.ndarray] = []
+    first: float | None = None
+    with container:
+        if not container.streams.audio:
+            raise StageError(f"no audio stream in {Path(path).name}", "no_audio")
+        stream = container.streams.audio[0]
+        origin = stream_origin(container)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        try:
+            if start > 1.0:
+                container.seek(int((origin + start - 1.0) * av.time_base), backward=True)
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                t = float(frame.time) - origin
+                if first is None:
+                    first = t
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                if t >= end:
+                    break
+        except (av.error.FFmpegError, ValueError) as exc:
+            log.debug("audio window of %s: decoding stopped early: %s", path, exc)
+    if first is None or not chunks:
+        return np.zeros(0, np.float32), start
+    audio = np.nan_to_num(np.concatenate(chunks).astype(np.float32, copy=False))
+    skip = max(0, round((start - first) * SAMPLE_RATE))
+    n = max(0, round((end - start) * SAMPLE_RATE))
+    return audio[skip : skip + n], max(start, first)
+
+
+HOP = 0.01  # seconds between energy frames
+
+
+def frame_energy_db(audio: np.ndarray, window: float = 0.03) -> np.ndarray:
+    """RMS level (dBFS) of ``window``-second frames every ``HOP`` s (frame k centred at k * HOP)."""
+    hop = round(HOP * SAMPLE_RATE)
+    win = round(window * SAMPLE_RATE)
+    n = len(audio) // hop
+    if n == 0:
+        return np.zeros(0, np.float32)
+    padded = np.pad(audio.astype(np.float64), (win // 2, win))
+    csum = np.concatenate([[0.0], np.cumsum(padded * padded)])
+    starts = np.arange(n) * hop
+    power = (csum[starts + win] - csum[starts]) / win
+    return (10 * np.log10(power + 1e-12)).astype(np.float32)
+
+
+def pauses(
+    audio: np.ndarray,
+    min_pause: float = 0.06,
+    over_floor_db: float = 6.0,
+    below_loud_db: float = 35.0,
+    min_range_db: float = 12.0,
+) -> list[Span]:
+    """Pauses in speech (seconds from the audio start), from energy relative to the local floor.
+
+    A frame is quiet when its level is within ``over_floor_db`` of the floor (5th percentile of the
+    levels: a room tone, a hum, a quiet music bed or digital silence) or ``below_loud_db`` under
+    the loud level (95th percentile: the speech), whichever is higher. Runs of quiet frames
+    at least ``min_pause`` long are pauses. Audio whose levels span less than ``min_range_db``
+    (steady music, a tone, silence throughout) has no pauses to tell apart: [] is returned.
+    """
+    db = frame_energy_db(audio)
+    if db.size < 5:
+        return []
+    floor, loud = float(np.percentile(db, 5)), float(np.percentile(db, 95))
+    if loud - floor < min_range_db:
+        return []
+    quiet = db <= max(floor + over_floor_db, loud - below_loud_db)
+    out: list[Span] = []
+    k, n = 0, len(quiet)
+    while k < n:
+        if not quiet[k]:
+            k += 1
+            continue
+        j = k
+        while j < n and quiet[j]:
+            j += 1
+        a, b = k * HOP, j * HOP
+        if b - a >= min_pause - 1e-9:
+            out.append((a, b))
+        k = j
+    return out
+
+
 def span_seconds(spans: list[Span]) -> float:
     return float(sum(max(0.0, b - a) for a, b in spans))
 

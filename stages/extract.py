@@ -2,8 +2,9 @@
 
 Clips of the same video in a batch are served by one decode pass (PyAV, in-process): the
 container is demuxed once from the first clip's start to the last clip's end, audio is
-resampled to 16 kHz mono as it streams, frames are picked at their target times, and low
-resolution luma thumbnails at ``analysis_fps`` give brightness, black and frozen ratios. A clip
+resampled to 16 kHz mono as it streams, frames are picked at their target times, and small luma
+analysis frames at ``analysis_fps`` give brightness, black and frozen ratios (``stages._picture``:
+black as a share of dark pixels with no lit content, frozen relative to the clip's own noise). A clip
 mp4, when asked for, is cut with the ffmpeg CLI (re-encoded, so cuts are frame-accurate).
 
 Media go to ``STAGING/clips/{video_id}/``; rows carry their paths, not the bytes.
@@ -27,13 +28,12 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
 from pipeline.storage import StagingArea, localize
+from stages._media import analysis_frame, main_video_stream, right_angle, stream_origin
+from stages._picture import BlackParams, black_ratio, frozen_ratio
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
-BLACK_LUMA = 24.0  # mean Y (limited range, black is 16) under which a frame counts as black
-FROZEN_DIFF = 1.0  # mean abs luma difference of consecutive thumbnails under which it is frozen
-THUMB = 32
 AUDIO_TOLERANCE = 0.25  # seconds of missing audio at a clip's end padded with silence (AAC priming)
 
 
@@ -99,7 +99,8 @@ class _ClipWork:
     staging: StagingArea
     frames: dict[int, str] = field(default_factory=dict)
     frame_times: dict[int, float] = field(default_factory=dict)
-    thumbs: list[np.ndarray] = field(default_factory=list)
+    thumbs: list[np.ndarray] = field(default_factory=list)  # luma analysis frames (stages._picture)
+    key_steps: list[bool] = field(default_factory=list)  # a key frame decoded since the previous thumb
     audio_done: bool = False
     audio: dict[str, Any] = field(default_factory=dict)
     error: StageError | None = None
@@ -174,8 +175,9 @@ class ExtractStage(Stage[ExtractConfig]):
         except av.error.FFmpegError as exc:
             raise StageError(f"cannot open {path}: {exc}", "corrupt_media") from None
         with container:
-            vs = container.streams.video[0] if want_video and container.streams.video else None
+            vs = main_video_stream(container) if want_video else None  # never the cover art of an mp3
             aus = container.streams.audio[0] if want_audio and container.streams.audio else None
+            origin = stream_origin(container)  # clip times count from the first timestamp (MPEG-TS: 1.4 s, or any)
             if vs is not None:
                 vs.codec_context.thread_count = cfg.decode_threads
                 if cfg.decode_threads != 1:
@@ -183,10 +185,11 @@ class ExtractStage(Stage[ExtractConfig]):
                 if cfg.skip_nonref_frames:
                     vs.codec_context.skip_frame = "NONREF"
             if t0 > 0.5:
-                container.seek(int(t0 * av.time_base), backward=True)
+                container.seek(int((origin + t0) * av.time_base), backward=True)
             streams = [s for s in (vs, aus) if s is not None]
-            video = _VideoPicker(work, vs, cfg, t0) if vs is not None else None
-            audio = _AudioCollector(work, cfg.silence_db) if aus is not None else None
+            video = _VideoPicker(work, vs, cfg, t0, origin) if vs is not None else None
+            audio = _AudioCollector(work, cfg.silence_db, origin) if aus is not None else None
+            failed = False
             try:
                 for packet in container.demux(*streams):
                     if packet.stream is vs and video is not None and not video.done:
@@ -198,9 +201,14 @@ class ExtractStage(Stage[ExtractConfig]):
                     if (video is None or video.done) and (audio is None or audio.done):
                         break
             except av.error.FFmpegError as exc:
+                failed = True
                 log.warning("extract %s: decoding stopped early: %s", path, exc)
             if audio is not None:
                 audio.flush()
+                if audio.origin is None and not failed:  # declared, but not one audio packet decoded
+                    for w in work:
+                        if w.row.get("has_audio") and w.error is None:
+                            w.error = StageError("the audio stream holds no audio packets", "no_audio")
             if video is not None:
                 video.finish()
 
@@ -220,12 +228,9 @@ class ExtractStage(Stage[ExtractConfig]):
             if w.thumbs:
                 means = np.array([t.mean() for t in w.thumbs])
                 out["brightness"] = float(np.mean(means) / 255.0)
-                out["black_ratio"] = float(np.mean(means < BLACK_LUMA))
-                if len(w.thumbs) > 1:
-                    diffs = [np.abs(a - b).mean() for a, b in zip(w.thumbs[:-1], w.thumbs[1:])]
-                    out["frozen_ratio"] = float(np.mean(np.array(diffs) < FROZEN_DIFF))
-                else:
-                    out["frozen_ratio"] = 0.0
+                params = BlackParams(cfg.black_pixel_luma, cfg.black_picture_ratio, cfg.black_lit_share)
+                out["black_ratio"] = black_ratio(w.thumbs, params)
+                out["frozen_ratio"] = frozen_ratio(w.thumbs, w.key_steps)
         if w.row.get("has_audio"):
             if not w.audio:
                 raise StageError("audio stream ends before the clip (truncated or damaged)", "corrupt_media")
@@ -240,8 +245,11 @@ class ExtractStage(Stage[ExtractConfig]):
 class _VideoPicker:
     """Saves frames at target times and keeps luma thumbnails at ``analysis_fps``."""
 
-    def __init__(self, work: list[_ClipWork], stream: av.video.stream.VideoStream, cfg: ExtractConfig, t0: float):
+    def __init__(
+        self, work: list[_ClipWork], stream: av.video.stream.VideoStream, cfg: ExtractConfig, t0: float, origin: float
+    ) -> None:
         self.work = work
+        self.origin = origin
         self.cfg = cfg
         self.done = False
         self.last_time = -1.0
@@ -255,12 +263,13 @@ class _VideoPicker:
         self.next_probe = t0
         self.size: tuple[int, int] | None = None
         self.prev: tuple[av.VideoFrame, float] | None = None  # the last decoded frame and its time
+        self.key_since_probe = False  # a key frame was decoded since the last analysis frame
         self.max_gap = 4 * self.half_frame  # how far past the last decoded frame a target may be
 
     def feed(self, frame: av.VideoFrame, t1: float) -> None:
-        t = frame.time
-        if t is None:
+        if frame.time is None:
             return
+        t = frame.time - self.origin
         self.last_time = t
         if t >= t1 + self.half_frame:
             self.done = True
@@ -275,11 +284,14 @@ class _VideoPicker:
             else:
                 self._save(frame, self.work[ci], fi, t)
         self.prev = (frame, t)
+        self.key_since_probe = self.key_since_probe or bool(frame.key_frame)
         if t + self.half_frame >= self.next_probe:
-            thumb = frame.reformat(width=THUMB, height=THUMB, format="gray").to_ndarray().astype(np.float32)
+            thumb = analysis_frame(frame)
             for w in self.work:
                 if w.start - self.half_frame <= t < w.end:
                     w.thumbs.append(thumb)
+                    w.key_steps.append(self.key_since_probe)
+            self.key_since_probe = False
             while self.next_probe <= t + self.half_frame:
                 self.next_probe += self.step
 
@@ -287,6 +299,9 @@ class _VideoPicker:
         if self.size is None:
             self.size = _scaled_size(frame.width, frame.height, self.cfg.frame_size)
         image = frame.reformat(width=self.size[0], height=self.size[1], format="rgb24").to_image()
+        rotation = right_angle(frame.rotation)
+        if rotation:  # display matrix (portrait phone video): frames come out as a player shows them
+            image = image.rotate(rotation, expand=True)
         rel = f"{w.out_dir}/{w.row['key']}.{index}.jpg"
         image.save(w.staging.local(rel), format="JPEG", quality=self.cfg.jpeg_quality)
         w.frames[index] = w.staging.publish(rel)
@@ -309,7 +324,8 @@ class _VideoPicker:
 class _AudioCollector:
     """Streams decoded audio to 16 kHz mono and completes clips as their end passes."""
 
-    def __init__(self, work: list[_ClipWork], silence_db: float) -> None:
+    def __init__(self, work: list[_ClipWork], silence_db: float, origin: float = 0.0) -> None:
+        self.stream_origin = origin
         self.pending = sorted((w for w in work if w.row.get("has_audio")), key=lambda w: w.end)
         self.silence_db = silence_db
         self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -326,7 +342,7 @@ class _AudioCollector:
         if self.origin is None:
             if frame.time is None:
                 return
-            self.origin = float(frame.time)
+            self.origin = float(frame.time) - self.stream_origin
         for out in self.resampler.resample(frame):
             self._push(out.to_ndarray().reshape(-1))
         self._complete(final=False)

@@ -1,14 +1,21 @@
 """Probe and split: one video row in, its clip rows out (fan-out).
 
 Modes: ``fixed`` windows (target length, min/max, overlap), ``shots`` (shot boundaries from
-``stages._shots``; long shots are windowed, shots shorter than the minimum are skipped) and
-``whole`` (one clip per video). A video too short for any clip yields one clip row marked
+``stages._shots``; long shots are windowed, shots shorter than the minimum are skipped),
+``speech`` (``stages._speech``: cuts between transcribed words) and ``whole`` (one clip per video).
+
+In ``fixed`` mode each cut is moved to the nearest pause in the audio within
+``snap_tolerance_seconds`` (``snap_to_silence``), so that clips do not start or end inside a word:
+the audio around each cut is decoded (a seek, not the whole track) and its pauses are found from
+the energy relative to the local floor (``stages._vad.pauses``), which works over a hum, a tone or
+a quiet music bed. Cuts depend only on the audio, so keys stay deterministic. A video too short for any clip yields one clip row marked
 ``drop_reason='too_short'`` so that it is accounted for in ``rejects.parquet``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import SplitConfig
@@ -20,6 +27,8 @@ from stages._media import probe
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
+PAUSE_MARGIN = 0.08  # a moved cut stays this far inside its pause (s), where the pause allows
+LONG_PAUSE = 0.15  # pauses at least this long (s) are preferred to the short gaps between words
 
 
 def clip_key(video_id: str, clip_index: int) -> str:
@@ -53,6 +62,63 @@ def fixed_windows(
         elif tail >= min_len - EPS:
             out.append((max(start, last_end - overlap), end))
     return [(round(a, 6), round(b, 6)) for a, b in out]
+
+
+def nearest_pause_point(
+    b: float, spans: list[tuple[float, float]], lo: float, hi: float, margin: float = PAUSE_MARGIN
+) -> float | None:
+    """The point in a pause (``spans``) nearest ``b`` within [lo, hi], kept ``margin`` s inside the
+    pause where the pause is long enough (else its middle); None when no pause reaches [lo, hi]."""
+    best: float | None = None
+    for a, e in spans:
+        m = min(margin, (e - a) / 2)
+        p0, p1 = max(a + m, lo), min(e - m, hi)
+        if p0 > p1 + EPS:
+            continue
+        point = min(max(b, p0), p1)
+        if best is None or abs(point - b) < abs(best - b) - EPS:
+            best = point
+    return best
+
+
+def snap_windows(
+    windows: list[tuple[float, float]],
+    pauses_near: Callable[[float, float], list[tuple[float, float]]],
+    tolerance: float,
+    min_len: float,
+    max_len: float,
+) -> list[tuple[float, float]]:
+    """Move each inner cut of ``windows`` to the nearest pause within ``tolerance`` seconds.
+
+    ``pauses_near(lo, hi)`` gives the pauses (absolute seconds) found in [lo, hi]. Long pauses (at
+    least ``LONG_PAUSE`` s: between sentences or phrases) are preferred; a short one (between two
+    words) is taken only when no long pause is in reach. A cut with no pause in reach stays where
+    it is. Cuts move in time order and every clip stays between ``min_len`` and ``max_len``; the
+    first start and the last end (the video's ends) never move. Contiguous windows share a cut;
+    overlapping windows move their starts and ends alike.
+    """
+    if len(windows) < 2 or tolerance <= 0:
+        return windows
+    fixed_ends = {windows[0][0], windows[-1][1]}
+    moved: dict[float, float] = {}
+    for cut in sorted({t for w in windows for t in w} - fixed_ends):
+        lo, hi = cut - tolerance, cut + tolerance
+        for s, e in windows:  # every clip that starts or ends at this cut keeps its length bounds
+            if s == cut:  # its end moves later, against the new start: bound by the current end
+                lo, hi = max(lo, e - max_len), min(hi, e - min_len)
+            if e == cut:  # its start has moved already
+                s2 = moved.get(s, s)
+                lo, hi = max(lo, s2 + min_len), min(hi, s2 + max_len)
+        new = cut
+        if lo <= hi:
+            spans = pauses_near(lo, hi)
+            point = nearest_pause_point(cut, [(a, b) for a, b in spans if b - a >= LONG_PAUSE], lo, hi)
+            if point is None:
+                point = nearest_pause_point(cut, spans, lo, hi)
+            if point is not None:
+                new = round(point, 3)
+        moved[cut] = new
+    return [(moved.get(s, s), moved.get(e, e)) for s, e in windows]
 
 
 def shot_windows(
@@ -106,6 +172,27 @@ class SplitStage(Stage[SplitConfig]):
         )
         return [(s, e, []) for s, e in windows]
 
+    def _snap(self, path: str, windows: list[tuple[float, float, list[float]]]) -> list[tuple[float, float, list[float]]]:
+        """Fixed windows with their cuts moved into pauses of the audio (see the module docstring)."""
+        from stages._vad import load_audio_window, pauses
+
+        cfg = self.config
+
+        def pauses_near(lo: float, hi: float) -> list[tuple[float, float]]:
+            # 1 s of context on each side, so the floor and speech levels are those of the neighbourhood
+            audio, t0 = load_audio_window(path, max(0.0, lo - 1.0), hi + 1.0)
+            return [(t0 + a, t0 + b) for a, b in pauses(audio)]
+
+        try:
+            snapped = snap_windows(
+                [(s, e) for s, e, _ in windows], pauses_near, cfg.snap_tolerance_seconds,
+                cfg.min_clip_seconds, cfg.max_clip_seconds,
+            )  # fmt: skip
+        except StageError as exc:  # audio that cannot be decoded: keep the plain windows, extract will tell
+            log.warning("split %s: cuts not moved to pauses: %s", path, exc)
+            return windows
+        return [(s, e, []) for s, e in snapped]
+
     def _split(self, row: Row) -> list[dict[str, Any]]:
         path = row.get("local_path")
         if not path:
@@ -133,6 +220,8 @@ class SplitStage(Stage[SplitConfig]):
             except Exception as exc:  # noqa: BLE001 - a decode failure is a property of the input
                 raise StageError(f"shot detection could not decode the video: {exc}", "corrupt_media") from None
         windows = self.plan(info.duration, cuts)
+        if self.config.mode == "fixed" and self.config.snap_to_silence and info.has_audio and len(windows) > 1:
+            windows = self._snap(path, windows)
         if self.config.mode == "speech" and info.has_audio:  # clips cut between words; no speech: fixed
             from stages._speech import plan_speech_clips
 

