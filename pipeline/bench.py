@@ -187,3 +187,20 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("      per stage (s, summed over workers): " + ", ".join(f"{k} {v:.1f}" for k, v in e["stage_seconds"].items()))
         lines.append(f"      report (not in wall): {e['report_seconds']:.1f} s")
     return "\n".join(lines)
+
+
+def run_quality_bench(workdir: Path, **options: Any) -> tuple[dict[str, Any], str]:
+    """``avforge bench --quality``: the quality benchmark (dedup, filters, WER, captions, judge
+    against planted truth), implemented in ``tests/bench/quality_bench.py``; returns the results
+    and a printable summary. Needs a source checkout (the benchmark lives beside the tests)."""
+    try:
+        from tests.bench.quality_bench import format_summary, run_quality_bench as run
+    except ImportError as exc:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(
+            f"the quality benchmark lives in tests/bench/quality_bench.py of a source checkout ({exc}); "
+            "run avforge from the repository root"
+        ) from None
+    results = run(workdir, **options)
+    return results, format_summary(results)
