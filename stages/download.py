@@ -85,6 +85,8 @@ def classify_download_error(message: str) -> StageError:
         return StageError(message, "timeout", transient=True)
     if "unsupported url" in low or "no video formats" in low or "requested format is not available" in low:
         return StageError(message, "not_a_video")
+    if "live" in low and "not supported" in low:  # e.g. "Live DASH videos are not supported"
+        return StageError(message, "protocol_refused")
     if "drm protected" in low:
         return StageError(message, "protocol_refused")
     if "private video" in low or "sign in" in low or "members-only" in low:

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 URL_SCHEMES = ("http", "https", "file", "s3", "gs", "gcs", "az", "abfs", "ftp")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]{1,30})://")
 #: longest accepted URL or path line, in characters (browsers and servers stop near 8 KiB)
 MAX_URL_CHARS = 8192
 #: how much of an unusable line an error row keeps (the line number identifies it anyway)
@@ -327,6 +328,9 @@ def record_to_row(record: dict[str, Any], index: int) -> Row:
         problem = _unusable(url, "url") or (_unusable(given_text, "id") if given_text else None)
     if problem is None and len(url) > MAX_URL_CHARS:
         problem = f"line is too long for a URL or path ({len(url)} characters; the limit is {MAX_URL_CHARS})"
+    if problem is None and not _is_url(url) and (scheme := _SCHEME.match(url)):
+        kind = "unsupported_scheme"
+        problem = f"URL scheme {scheme.group(1).lower()!r} is not fetched (supported: {', '.join(URL_SCHEMES)})"
     if problem is None and not _is_url(url):
         found = _local_path_problem(url)
         if found is not None:

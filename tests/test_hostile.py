@@ -65,6 +65,20 @@ def hls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def dash_mpd(hls_dir: Path) -> str:
+    """A static two-stream DASH presentation (video + audio, 1 s segments) in ``hls_dir``; its MPD text."""
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=duration=3:size=160x120:rate=10",
+         "-f", "lavfi", "-i", "sine=duration=3", "-c:v", "libx264", "-preset", "ultrafast", "-g", "10", "-c:a", "aac",
+         "-shortest", "-f", "dash", "-seg_duration", "1", "-use_template", "1", "-use_timeline", "0",
+         "-init_seg_name", "init-$RepresentationID$.m4s", "-media_seg_name", "chunk-$RepresentationID$-$Number%05d$.m4s",
+         str(hls_dir / "d.mpd")],
+        check=True,
+    )
+    return (hls_dir / "d.mpd").read_text()
+
+
 @pytest.fixture()
 def refused(hls_dir: Path) -> Iterator[tuple[str, list[str]]]:
     """A server on 127.0.0.1 (never allowed here) and the list of paths it was asked for."""
@@ -153,6 +167,47 @@ def test_streams_yt_dlp_would_hand_to_ffmpeg_are_refused(hls_dir: Path, tmp_path
     assert time.monotonic() - started < 25
 
 
+def _mpd(text: str, base: str | None = None, dynamic: bool = False) -> Route:
+    if base is not None:
+        text = text.replace("<Period ", f"<BaseURL>{base}/</BaseURL>\n\t<Period ", 1)
+    if dynamic:
+        text = text.replace('type="static"', 'type="dynamic" availabilityStartTime="2020-01-01T00:00:00Z"', 1)
+    return Route(200, text.encode(), {"Content-Type": "application/dash+xml"})
+
+
+def test_dash_on_an_allowed_host_downloads_and_merges(hls_dir: Path, dash_mpd: str, tmp_path: Path) -> None:
+    """The control for DASH: native segment downloads, then ffmpeg merges video and audio from local files."""
+    routes = {"/d1.mpd": _mpd(dash_mpd)}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        res = _one(_stage(tmp_path), f"{base}/d1.mpd")
+    assert not isinstance(res, Exception), res
+    assert res["video_duration"] > 2
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["segments_refused", "live"])
+def test_dash_parts_on_refused_addresses_fetch_nothing(hls_dir: Path, dash_mpd: str, tmp_path: Path,
+                                                       refused: tuple[str, list[str]], dynamic: bool) -> None:
+    bad, bad_log = refused
+    routes = {"/d2.mpd": _mpd(dash_mpd, base=bad, dynamic=dynamic)}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        res = _one(_stage(tmp_path, max_download_seconds=30), f"{base}/d2.mpd")
+    err = _err(res)
+    assert err.error_type in ("blocked_address", "protocol_refused", "not_a_video"), err
+    assert bad_log == []
+
+
+def test_hls_init_segment_on_a_refused_address(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]]) -> None:
+    bad, bad_log = refused
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        body = _playlist([f"{base}/e{i}.ts" for i in range(3)]).replace(
+            b"#EXTINF", f'#EXT-X-MAP:URI="{bad}/init.mp4"\n#EXTINF'.encode(), 1)
+        routes["/m.m3u8"] = _m3u8(body)
+        res = _one(_stage(tmp_path), f"{base}/m.m3u8")
+    assert _err(res).error_type in ("blocked_address", "protocol_refused"), res
+    assert bad_log == []
+
+
 def test_a_downloaded_manifest_is_not_media(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]]) -> None:
     """A "video.mp4" that is really an HLS playlist: ffmpeg/PyAV would follow its URLs."""
     bad, bad_log = refused
@@ -232,16 +287,19 @@ def test_a_page_with_one_video_is_accepted(hls_dir: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("length", [10_000_000, -1], ids=["with_length", "without_length"])
-def test_trickling_server_ends_at_the_deadline(hls_dir: Path, tmp_path: Path, length: int) -> None:
-    """Headers, then one byte a second: a socket timeout never fires; the deadline does."""
-    routes = {"/slow.mp4": Route(200, b"\0" * 1000, {"Content-Type": "video/mp4"}, trickle_seconds=1.0,
-                                 content_length=length)}
+@pytest.mark.parametrize(("path", "length"), [("/slow.mp4", 10_000_000), ("/slow.mp4", -1), ("/slow.html", -1)],
+                         ids=["with_length", "without_length", "trickling_page"])
+def test_trickling_server_ends_at_the_deadline(hls_dir: Path, tmp_path: Path, path: str, length: int) -> None:
+    """Headers, then one byte a second: a socket timeout never fires; the deadline does (also while
+    yt-dlp is still reading a web page to extract from)."""
+    kind = "text/html" if path.endswith(".html") else "video/mp4"
+    routes = {path: Route(200, b"<html>" + b" " * 1000, {"Content-Type": kind}, trickle_seconds=1.0,
+                          content_length=length)}
     deadline = 3.0
     with serve_directory(hls_dir, routes, host=ALLOWED) as base:
         stage = _stage(tmp_path, max_download_seconds=deadline, retries=2)
         started = time.monotonic()
-        res = _one(stage, f"{base}/slow.mp4")
+        res = _one(stage, base + path)
         took = time.monotonic() - started
     err = _err(res)
     assert err.error_type == "timeout", err

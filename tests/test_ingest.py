@@ -174,3 +174,11 @@ def test_per_record_functions_compose(tmp_path: Path) -> None:
     rows = [*mark_duplicates([record_to_row(records[0], 0)], seen), *mark_duplicates([record_to_row(records[1], 1)], seen)]
     assert rows == read_inputs(f)
     assert rows[1]["error_type"] == "duplicate_input"
+
+
+def test_unsupported_schemes_are_typed(tmp_path: Path) -> None:
+    f = tmp_path / "l.txt"
+    f.write_text("rtsp://127.0.0.1/cam\nrtmp://h/live\nmms://h/x\nhttps://example.org/a.mp4\n")
+    rows = read_inputs(f)
+    assert [r.get("error_type") for r in rows] == ["unsupported_scheme"] * 3 + [None]
+    assert "'rtsp'" in rows[0]["error"]
