@@ -27,7 +27,7 @@ from stages._media import probe
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
-PAUSE_MARGIN = 0.08  # a moved cut stays this far inside its pause (s), where the pause allows
+PAUSE_MARGIN = 0.25  # a moved cut stays this far inside its pause (s), or at its middle when it is shorter
 LONG_PAUSE = 0.15  # pauses at least this long (s) are preferred to the short gaps between words
 
 
