@@ -106,3 +106,21 @@ def test_junk_lock_file_is_not_a_holder_for_ever(tmp_path: Path) -> None:
 def test_object_store_outputs_are_not_locked() -> None:
     with output_lock("s3://bucket/out") as lock:
         assert lock is None
+
+
+@pytest.mark.timeout(300)
+def test_cli_refuses_a_second_run_with_exit_2(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    listing = tmp_path / "l.txt"
+    listing.write_text("# nothing\n")
+    holder = _holder_process(out)
+    try:
+        cmd = [sys.executable, "-m", "pipeline.cli", "run", "--input", str(listing), "--output", str(out),
+               "--recipe", "media", "--backend", "sequential"]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "in use" in res.stderr and f"pid {holder.pid}" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -63,3 +63,23 @@ def test_dumps_strict_and_is_strict_json() -> None:
     assert dumps_strict({"x": float("nan"), "y": "é"}) == '{"x": null, "y": "é"}'
     assert not is_strict_json('{"a": NaN}') and not is_strict_json('{"a": -Infinity}') and not is_strict_json("{")
     assert is_strict_json('{"a": 1}')
+
+
+def test_a_clip_row_with_nan_and_inf_writes_strict_json_and_parquet(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What the writer does with a clip whose audio decodes to -inf dB (digital silence) or NaN."""
+    import pyarrow.parquet as pq
+
+    from schemas.records import Clip, shard_json, to_table
+
+    row = {
+        "key": "v_0000", "video_id": "v", "source_url": "http://h/v.mp4", "clip_start": 0.0, "clip_end": 2.0,
+        "audio_rms_db": -math.inf, "audio_peak_db": float("nan"), "fps": math.inf, "shot_times": [0.5, float("nan")],
+        "metadata_json": '{"title": "caf\\u00e9", "rate": NaN}',
+    }
+    clean = sanitize_row(row)
+    assert set(clean[NONFINITE_FIELD]) == {"audio_rms_db", "audio_peak_db", "fps", "shot_times[1]", "metadata_json.rate"}
+    doc = json.dumps(shard_json(clean), allow_nan=False)
+    assert is_strict_json(doc)
+    pq.write_table(to_table([clean], Clip), tmp_path / "x.parquet")
+    back = pq.read_table(tmp_path / "x.parquet").to_pylist()[0]
+    assert back["audio_rms_db"] is None and back["fps"] is None
