@@ -69,7 +69,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             example = report["examples"].get(outcome)
             print(f"  {outcome:<28} {n:>8}" + (f"   e.g. {example}" if example else ""))
         return 0
-    summary = run_pipeline(args.input, args.output, config, backend=args.backend)
+    summary = run_pipeline(args.input, args.output, config, backend=args.backend, retry_errors=args.retry_errors)
     print("\n".join(["", "avforge run finished", *summary.lines()]))
     print(f"shards:      {summary.output / 'shards'}  (open with webdataset: see README 'Reading the output')")
     return 0
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: start Ray in-process)")
     run.add_argument("--backend", choices=["ray", "sequential"], default="ray", help="sequential: no Ray, in-process")
     run.add_argument("--dry-run", action="store_true", help="validate config and inputs, process nothing")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="also retry inputs that failed transiently (rate limits, timeouts, 5xx) in earlier runs")
     run.set_defaults(func=_cmd_run)
 
     samples = sub.add_parser("samples", help="generate a small synthetic corpus (videos + true transcripts and cuts)")

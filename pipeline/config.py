@@ -133,6 +133,10 @@ class WriteConfig(Section):
     max_samples_per_shard: int = Field(1000, ge=1)
     max_shard_mb: float = Field(1024.0, gt=0)
     keep_staging: bool = Field(False, description="keep downloaded files and extracted media after writing")
+    inputs_per_partition: int = Field(
+        8, ge=1, description="input lines per partition: the unit of a Ray Data input block, of resume (one "
+        "completion marker each) and of shard names; small partitions make retries and stragglers cheap"
+    )
 
 
 class LLMBackendConfig(Section):
@@ -396,7 +400,14 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; None starts Ray in-process")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of the in-process Ray (default: cores)")
     object_store_mb: int = Field(1024, ge=128)
-    workers_per_cpu_stage: int | None = Field(None, ge=1, description="tasks in flight per CPU stage")
+    workers_per_cpu_stage: int | None = Field(
+        None, ge=1, description="cap on tasks in flight per CPU stage; None: no cap, grows with the cluster"
+    )
+    max_actors_per_stage: int | None = Field(
+        None, ge=1, description="actor pools grow from a stage's pool_size up to this many actors; None: fixed"
+    )
+    writer_cpus: float = Field(0.25, gt=0, description="CPUs of a writer task (after an actor pool)")
+    progress_bars: bool = Field(True, description="Ray Data progress bars")
 
 
 class RunConfig(Section):

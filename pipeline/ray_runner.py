@@ -9,17 +9,19 @@
   blocks lost with a node are rebuilt from lineage) and restarts a dead actor and resends its
   batch (``max_restarts=-1``, ``max_task_retries=-1``): its defaults, which tests/test_faults.py
   relies on. Stages catch their own exceptions (errors are data), so only system failures are
-  retried. The driver's sink writes every key once; a killed driver resumes on rerun;
+  retried. The last task writes shards on the worker (``pipeline.writer``); a retried writer
+  task rewrites the same names, and only files named in a partition's completion marker count;
 * per-stage row and error counters are Ray metrics (``StageMetrics``) for Prometheus.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +29,7 @@ import pyarrow as pa
 from pipeline.config import RunConfig
 from pipeline.executor import apply_stage
 from pipeline.stage import Row, Stage
+from pipeline.writer import ShardWriter
 from schemas.records import to_table
 
 log = logging.getLogger(__name__)
@@ -111,8 +114,20 @@ def apply_group(stages: list[Stage], rows: list[Row]) -> list[Row]:
     return rows
 
 
-def _run_task(table: pa.Table, stages: list[Stage]) -> pa.Table:
-    return to_table(apply_group([_ready(s) for s in stages], table.to_pylist()))
+def _manifests(manifests: list[dict[str, Any]]) -> pa.Table:
+    """What a writer task returns to the driver: one small JSON manifest per partition group."""
+    return pa.table({"manifest": pa.array([json.dumps(m) for m in manifests], pa.string())})
+
+
+def _run_task(table: pa.Table, stages: list[Stage], writer: ShardWriter | None = None) -> pa.Table:
+    rows = apply_group([_ready(s) for s in stages], table.to_pylist())
+    if writer is None:
+        return to_table(rows)
+    return _manifests(writer.write(rows))
+
+
+def _write_task(table: pa.Table, writer: ShardWriter) -> pa.Table:
+    return _manifests(writer.write(table.to_pylist()))
 
 
 class _StageActor:
@@ -177,48 +192,96 @@ def _cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def build_dataset(stages: list[Stage], rows: list[Row], config: RunConfig) -> Any:
+def _input_refs(chunks: Iterable[tuple[int, list[Row]]]) -> tuple[list[Any], int]:
+    """One small Arrow block per input partition, put into the object store as the LIST is read
+    (the driver keeps references, not rows), so tasks stay short and a retry redoes little."""
+    refs: list[Any] = []
+    rows = 0
+    for _, part in chunks:
+        refs.append(ray.put(to_table(part)))
+        rows += len(part)
+    return refs, rows
+
+
+def _actor_pool(stage: Stage, config: RunConfig) -> Any:
+    """(min, max) actors: the stage's pool_size, growing to ``ray.max_actors_per_stage`` while the
+    cluster has room (the autoscaler adds nodes for pending actors)."""
+    from ray.data import ActorPoolStrategy
+
+    low = stage.resources.pool_size
+    high = max(low, config.ray.max_actors_per_stage or low)
+    return ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def build_dataset(
+    stages: list[Stage], chunks: Iterable[tuple[int, list[Row]]], config: RunConfig, writer: ShardWriter | None = None
+) -> Any:
+    """The Ray Data plan: input blocks per partition, fused task groups and actor pools, and the
+    writer in the last task (fused into the last task group when that group is stateless)."""
     import ray.data
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    # One block per few inputs so downloads and decodes spread over workers.
-    per_block = max(1, math.ceil(len(rows) / 2000))
-    tables = [to_table(rows[i : i + per_block]) for i in range(0, len(rows), per_block)]
-    ds = ray.data.from_arrow(tables)
-    cpu_workers = config.ray.workers_per_cpu_stage or max(1, int(_cluster_cpus()))
-    for group in fuse_stages(stages):
+    ctx.enable_progress_bars = config.ray.progress_bars
+    refs, n_rows = _input_refs(chunks)
+    if not refs:
+        return None
+    ds = ray.data.from_arrow_refs(refs)
+    workers = config.ray.workers_per_cpu_stage or max(1, int(_cluster_cpus()))
+    groups = fuse_stages(stages)
+    for n, group in enumerate(groups):
         first = group[0]
         res = first.resources
         if first.stateful:
             ds = ds.map_batches(
                 _StageActor,
                 fn_constructor_kwargs={"stage": first},
-                compute=ActorPoolStrategy(size=res.pool_size),
+                compute=_actor_pool(first, config),
                 num_cpus=res.cpus,
                 num_gpus=res.gpus or None,
                 batch_size=first.batch_size,
                 batch_format="pyarrow",
             )
         else:
-            size = res.pool_size if res.pool_size > 1 else cpu_workers
+            # No fixed pool size: tasks are limited by the CPUs they reserve, so concurrency grows
+            # with the cluster (a 0.25-CPU download task gives 4 download slots per core of every node).
+            size = config.ray.workers_per_cpu_stage
+            fused_writer = writer if n == len(groups) - 1 else None
             ds = ds.map_batches(
                 _run_task,
-                fn_kwargs={"stages": group},
+                fn_kwargs={"stages": group, "writer": fused_writer},
                 compute=TaskPoolStrategy(size=size),
                 num_cpus=res.cpus,
                 num_gpus=res.gpus or None,
-                batch_size=rows_per_task(group, len(rows), size),
+                batch_size=rows_per_task(group, n_rows, workers),
                 batch_format="pyarrow",
             )
+    if writer is not None and (not groups or groups[-1][0].stateful):
+        ds = ds.map_batches(
+            _write_task,
+            fn_kwargs={"writer": writer},
+            compute=TaskPoolStrategy(size=config.ray.workers_per_cpu_stage),
+            num_cpus=config.ray.writer_cpus,
+            batch_size=None,
+            batch_format="pyarrow",
+        )
     return ds
 
 
-def run_on_ray(stages: list[Stage], rows: list[Row], config: RunConfig) -> Iterator[list[Row]]:
-    """Stream finished rows back to the driver as Ray Data produces them."""
+def run_on_ray(
+    stages: list[Stage], chunks: Iterable[tuple[int, list[Row]]], config: RunConfig, writer: ShardWriter | None = None
+) -> Iterator[Any]:
+    """With a writer: the workers write, and the driver gets each task's manifests (dicts).
+    Without one (before a global phase): the finished rows, as Ray Data produces them."""
     init_ray(config)
-    ds = build_dataset(stages, rows, config)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield batch.to_pylist()
+    ds = build_dataset(stages, chunks, config, writer)
+    if ds is None:
+        return
+    if writer is None:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield batch.to_pylist()
+    else:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for text in batch.column("manifest").to_pylist():
+                yield json.loads(text)
     log.debug("Ray Data stats:\n%s", ds.stats())

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,16 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
+def remove_tree(uri: str) -> None:
+    """Delete a folder (local) or every object under a prefix (object store); missing is fine."""
+    if not is_remote(uri):
+        shutil.rmtree(uri, ignore_errors=True)
+        return
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def listdir(uri: str, suffix: str = "") -> list[str]:
     """File URIs directly under ``uri`` whose names end with ``suffix`` (sorted)."""
     if not is_remote(uri):
@@ -117,15 +128,44 @@ def listdir(uri: str, suffix: str = "") -> list[str]:
     return sorted(f"{scheme}://{p}" for p in names)
 
 
+# The per-process cache of fetched remote files is bounded: least recently used files go first.
+CACHE_MAX_BYTES = int(os.environ.get("AVFORGE_CACHE_MB", "2048")) * 2**20
+_CACHE: OrderedDict[Path, int] = OrderedDict()
+
+
+def _cache_touch(local: Path) -> None:
+    _CACHE[local] = local.stat().st_size
+    _CACHE.move_to_end(local)
+    total = sum(_CACHE.values())
+    while total > CACHE_MAX_BYTES and len(_CACHE) > 1:
+        old, size = _CACHE.popitem(last=False)
+        shutil.rmtree(old.parent, ignore_errors=True)
+        total -= size
+
+
 def localize(uri: str) -> Path:
-    """A local file with the content of ``uri`` (the path itself when already local)."""
+    """A local file with the content of ``uri`` (the path itself when already local).
+
+    Remote files are fetched into a per-process cache capped at ``AVFORGE_CACHE_MB`` (2048 MiB):
+    the least recently used files are deleted when it is full, so worker disks do not fill up.
+    """
     if not is_remote(uri):
         return Path(uri)
     local = SCRATCH / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri).name
     if not local.exists():
         log.debug("fetching %s", uri)
         get_file(uri, local)
+    _cache_touch(local)
     return local
+
+
+def evict(uri: str) -> None:
+    """Forget a fetched remote file now (its staged original is about to be deleted)."""
+    if not is_remote(uri):
+        return
+    local = SCRATCH / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri).name
+    _CACHE.pop(local, None)
+    shutil.rmtree(local.parent, ignore_errors=True)
 
 
 class StagingArea:
@@ -155,3 +195,37 @@ class StagingArea:
         target = self.uri_of(rel)
         put_file(self.root / rel, target)
         return target
+
+
+class OutputStore:
+    """The driver's view of the output folder: a local folder, or a local mirror of an
+    object-store prefix for the few files the driver writes (config, index, stats, report).
+
+    Those are written locally first (atomically) and then ``publish``-ed: a no-op for a local
+    output, an upload of the finished file for a remote one (an object appears only once its
+    upload completes). Shards and parts are written by the workers straight to ``uri``
+    (``pipeline.writer``).
+    """
+
+    def __init__(self, uri: str | Path) -> None:
+        self.uri = str(uri)
+        self.remote = is_remote(self.uri)
+        if self.remote:
+            digest = hashlib.sha1(self.uri.encode()).hexdigest()[:12]
+            self.root = SCRATCH / f"output-{digest}"
+            shutil.rmtree(self.root, ignore_errors=True)  # a cache: the remote is the truth
+        else:
+            self.root = Path(self.uri).resolve()
+            self.uri = str(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def publish(self, rel: str, keep_local: bool = True) -> None:
+        if not self.remote:
+            return
+        src = self.root / rel
+        if keep_local:
+            fs, path = _fs(join(self.uri, *rel.split("/")))
+            fs.put_file(str(src), path)
+        else:
+            put_file(src, join(self.uri, *rel.split("/")))
+            src.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ runner's own pieces: stage fusion, rows per task, the per-stage Ray metrics.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from pipeline.stage import Resources, Row, Stage
 SETTINGS = [
     "split.clip_seconds=4", "split.min_clip_seconds=1", "split.max_clip_seconds=6",
     "extract.frames_per_clip=1", "extract.batch_size=4", "write.max_samples_per_shard=2", "report.enabled=false",
+    "write.inputs_per_partition=2", "ray.progress_bars=false",
 ]  # fmt: skip
 VIDEOS = 24  # inputs: the 3 corpus videos listed 8 times each under distinct ids
 
@@ -295,13 +297,16 @@ def test_node_removed_mid_run(cluster: Any, corpus_dir: Path, tmp_path: Path, pr
 
 
 def _finished_shards(out: Path) -> dict[str, tuple[int, int]]:
-    """Complete shards (tar and sidecar) by name, with the tar's inode and modification time."""
+    """Committed shards (named by a partition's completion marker), with the tar's inode and
+    modification time."""
     shards = out / "shards"
-    return {
-        tar.stem: (tar.stat().st_ino, tar.stat().st_mtime_ns)
-        for tar in shards.glob("*.tar")
-        if (shards / f"{tar.stem}.parquet").exists()
-    }
+    names = []
+    for marker in sorted((out / "_markers").glob("*.json")) if (out / "_markers").is_dir() else []:
+        try:
+            names += [s["name"] for s in json.loads(marker.read_text())["shards"]]
+        except (json.JSONDecodeError, OSError):
+            continue  # being written
+    return {n: ((shards / f"{n}.tar").stat().st_ino, (shards / f"{n}.tar").stat().st_mtime_ns) for n in names}
 
 
 def _cli(inputs: Path, out: Path, address: str) -> list[str]:
@@ -332,6 +337,28 @@ def test_driver_interrupted_then_rerun(cluster: Any, corpus_dir: Path, tmp_path:
     assert _assert_every_input_once(out) > len(finished)
     kept = _finished_shards(out)
     assert {name: kept.get(name) for name in finished} == finished  # resumed: the first run's shards untouched
+
+
+@pytest.mark.timeout(180)
+def test_shards_are_written_by_worker_processes(cluster: Any, corpus_dir: Path, tmp_path: Path) -> None:
+    """Workers write the shards: every partition's marker names writer processes on the two
+    worker nodes, never the driver (the head node, which has no CPUs, holds only the driver)."""
+    import ray
+
+    from pipeline.runner import run_pipeline
+
+    out = tmp_path / "out"
+    summary = run_pipeline(_inputs(corpus_dir, tmp_path), out, _config(cluster.address), backend="ray")
+    head = cluster.head_node.node_id
+    workers = {n.node_id for n in _worker_nodes(cluster)}
+    assert ray.get_runtime_context().get_node_id() == head
+    markers = [json.loads(m.read_text()) for m in sorted((out / "_markers").glob("*.json"))]
+    assert len(markers) == VIDEOS // 2 and sum(m["counts"].get("keep", 0) for m in markers) == summary.kept
+    writers = {(pid, node) for m in markers for pid, node in m["writers"]}
+    assert writers and all(pid != os.getpid() and node in workers for pid, node in writers)
+    assert len({node for _, node in writers}) == 2  # both worker nodes wrote shards
+    assert summary.stats["runs"][-1]["writers"] == len(writers)
+    _assert_every_input_once(out)
 
 
 # ---------------------------------------------------------------------- the Ray runner's pieces
@@ -379,7 +406,7 @@ def test_stage_metrics_count_rows_and_new_errors(monkeypatch: pytest.MonkeyPatch
                {"key": "d", "drop_reason": "too_short"}]  # fmt: skip
     rows_out = [{"key": "a_0"}, {"key": "a_1"}, {"key": "b", "error_stage": "split", "error_type": "corrupt_media"},
                 rows_in[2], rows_in[3]]  # fmt: skip
-    (split,) = _stages(["split"])
+    (_, split) = _stages(["download", "split"])
     StageMetrics().record(split, rows_in, rows_out)
     assert seen == [
         ("avforge_stage_rows_in", 2, {"stage": "split"}),  # the errored and the dropped row were not processed

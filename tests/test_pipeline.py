@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,10 +60,14 @@ def test_end_to_end_on_ray(media_server: str, corpus_dir: Path, tmp_path: Path) 
     assert any(t[1:] == ("ingest", "duplicate_input") for t in err_types)
     assert {r["drop_reason"] for r in rejects if r["video_id"] == "mute"} == {"no_audio"}
 
-    # shards: deterministic names, rolled by count, no temp files left
+    # shards: deterministic names (partition and a digest of their keys), rolled by count,
+    # each named by a partition's completion marker, no temp files left
     tars = sorted(p.name for p in (out / "shards").glob("*.tar"))
-    assert tars == [f"{i:06d}.tar" for i in range(len(tars))] and len(tars) >= 2
-    assert not list((out / "shards").glob(".*"))
+    assert all(re.fullmatch(r"\d{6}-[0-9a-f]{12}\.tar", t) for t in tars) and len(tars) >= 2
+    assert not list((out / "shards").glob(".*")) and not (out / "_tmp").exists()
+    committed = [json.loads(m.read_text()) for m in sorted((out / "_markers").glob("*.json"))]
+    assert len(committed) == 1  # 7 inputs, 8 per partition
+    assert sorted(s["name"] + ".tar" for m in committed for s in m["shards"]) == tars
     assert len(index) == summary.kept > 6
     keys = [r["key"] for r in index]
     assert len(set(keys)) == len(keys)

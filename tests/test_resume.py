@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 ARGS = ["--backend", "sequential", "--set", "write.max_samples_per_shard=1", "--set", "extract.frames_per_clip=1",
+        "--set", "write.inputs_per_partition=2",
         "--set", "split.clip_seconds=4", "--set", "split.min_clip_seconds=1", "--set", "split.max_clip_seconds=6"]  # fmt: skip
 
 
