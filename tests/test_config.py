@@ -254,3 +254,67 @@ def test_config_file_problems_are_one_line(capsys: pytest.CaptureFixture[str], t
     two.write_text("split: {}\n---\nextract: {}\n")
     assert "not valid YAML" in _one_line_error(*_cli(capsys, tmp_path, "--config", str(two)))
     assert "unknown recipe" in _one_line_error(*_cli(capsys, tmp_path, "--recipe", "../../etc/passwd"))
+
+
+# ---------------------------------------------------------------------- engine layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """pipeline.* modules a file imports when it is imported (not in functions, not for type checking)."""
+    import ast
+
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            for field in ("body", "orelse", "handlers", "finalbody"):
+                if isinstance(node, (ast.If, ast.Try, ast.With)) and hasattr(node, field):
+                    visit(getattr(node, field))
+
+    visit(ast.parse(path.read_text()).body)
+    return {m for m in found if m.startswith("pipeline.") and (ROOT / (m.replace(".", "/") + ".py")).exists()}
+
+
+def test_no_import_cycle_in_the_engine() -> None:
+    graph = {f"pipeline.{p.stem}": _top_level_imports(p) for p in (ROOT / "pipeline").glob("*.py")}
+
+    def closure(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), set()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    assert not ({"pipeline.registry", "pipeline.stage"} & closure("pipeline.config"))
+    assert "pipeline.registry" not in closure("pipeline.stage")
+    cycles = sorted(m for m in graph if m in closure(m))
+    assert cycles == [], f"modules importing themselves through others: {cycles}"
+
+
+def test_the_engine_imports_no_concrete_stage() -> None:
+    """Importing the engine loads no stage module: the registry names them as strings, imported when a
+    pipeline is checked or built."""
+    import subprocess
+    import sys
+
+    from pipeline.registry import STAGES
+
+    engine = [m for m in ("config", "registry", "stage", "executor", "runner", "ray_runner", "writer", "resume",
+                          "ingest", "storage", "layout", "cli") if (ROOT / "pipeline" / f"{m}.py").exists()]  # fmt: skip
+    stage_modules = sorted({path.split(":")[0] for path, _ in STAGES.values()})
+    code = (f"import sys\nfor m in {engine!r}: __import__('pipeline.' + m)\n"
+            f"print(sorted(m for m in {stage_modules!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
