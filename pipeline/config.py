@@ -232,17 +232,41 @@ class FingerprintConfig(Section):
 
 
 class DedupConfig(Section):
-    """Global dedup phase (stages/dedup.py): duplicates are groups of the union of enabled signals."""
+    """Global dedup phase (stages/dedup.py): clips linked by time-aligned evidence no other signal
+    contradicts, grouped around the kept clip."""
 
     exact: bool = Field(True, description="same content_hash")
     frames: bool = Field(True, description="perceptual: frame hashes (FAISS binary index, Hamming)")
     audio: bool = Field(True, description="perceptual: audio fingerprint (FAISS binary index, Hamming)")
     semantic: bool = Field(True, description="visual_embedding / text_embedding when rows have them")
     frame_radius: int = Field(10, ge=0, le=32, description="max Hamming distance of two matching frame hashes")
-    frame_match_ratio: float = Field(0.5, gt=0, le=1, description="share of a clip's frames that must match")
+    frame_match_ratio: float = Field(
+        0.6, gt=0, le=1, description="share of the informative frames in the overlap that must match at one offset"
+    )
     audio_radius: int = Field(14, ge=0, le=32, description="max Hamming distance of two matching audio codes")
-    audio_match_ratio: float = Field(0.3, gt=0, le=1, description="share of a clip's audio codes that must match")
-    min_matched_codes: int = Field(3, ge=1, description="and at least this many codes (frame or audio) must match")
+    audio_match_ratio: float = Field(
+        0.7, gt=0, le=1, description="share of the informative audio codes in the overlap that must match at one offset"
+    )
+    min_matched_codes: int = Field(
+        3, ge=1, description="and at least this many distinct segments (still frames / ~256 ms of audio) must match"
+    )
+    frame_offset_tolerance: float = Field(0.3, gt=0, description="s: frame matches within this of one offset agree")
+    audio_offset_tolerance: float = Field(0.08, gt=0, description="s: audio matches within this of one offset agree")
+    min_overlap: float = Field(
+        0.5, gt=0, le=1, description="the aligned overlap must cover this share of the shorter clip"
+    )
+    common_code_clips: int = Field(
+        20, ge=1, description="a frame/audio unit matching more clips than this (or common_code_share) is ignored"
+    )
+    common_code_share: float = Field(0.001, ge=0, le=1, description="... or more than this share of all clips")
+    veto_ratio: float = Field(
+        0.5, ge=0, le=1, description="a link is refused when another signal, informative in both clips, matches less"
+    )
+    veto_min_segments: int = Field(4, ge=1, description="informative: at least this many distinct segments in the overlap")
+    grouping: Literal["representative", "connected"] = Field(
+        "representative",
+        description="representative: every duplicate links directly to its kept clip; connected: union-find (chains)",
+    )
     semantic_fields: list[Literal["visual_embedding", "text_embedding"]] = Field(
         default_factory=lambda: ["visual_embedding", "text_embedding"]
     )

@@ -1,27 +1,46 @@
 """Dedup: a global phase that groups duplicate clips and keeps one clip per group.
 
-Signals (each optional, see ``DedupConfig``); a pair of clips is linked when any enabled one says so:
+A duplicate is a clip whose content really repeats another's: a copy, a re-encode, a crop, a
+letterbox, a brightness change, a mirror, a trimmed copy, or a loop within one video. A pair of
+clips is *linked* only on evidence that a chance match cannot give:
 
-* **exact**: equal ``content_hash`` (stages/fingerprint.py: decoded media, so re-muxed copies match);
-* **frames**: perceptual frame hashes searched with a FAISS binary index under Hamming distance
-  (queries also in mirrored form); clip A is a copy of B when at least ``frame_match_ratio`` of
-  A's frames have a hash within ``frame_radius`` bits of one of B's hashes (either direction);
-* **audio**: the same with audio codes, ``audio_radius`` and ``audio_match_ratio``;
+* **exact**: equal ``content_hash`` (stages/fingerprint.py: decoded frames, so re-muxed copies match);
+* **frames** / **audio**: perceptual codes (stages/fingerprint.py) searched with a FAISS binary
+  index under Hamming distance (frame queries also in mirrored form). Only informative frames and
+  audio windows have codes at all (flat, dark, smooth frames and silence, hum or a steady tone
+  give none), and a code that matches more than ``common_code_clips`` (or ``common_code_share``)
+  other clips is *common* and ignored, like stop-listed hashes in audio fingerprinting. The
+  matches of a pair must line up in time, as landmark fingerprints do: at one offset (within
+  ``*_offset_tolerance``) at least ``*_match_ratio`` of the informative units where the two clips
+  overlap must match, in at least ``min_matched_codes`` distinct segments (a still picture is
+  one segment, not forty frames), and the overlap must cover ``min_overlap`` of the shorter clip;
 * **semantic**: ``visual_embedding`` / ``text_embedding`` with cosine similarity of at least
   ``semantic_threshold``, searched exactly (flat) for small runs and with IVF-Flat, IVF-PQ (with
   exact re-ranking) or HNSW above (``index``); on GPUs when faiss has them.
 
-Linked clips form groups (union-find over every link). In each group one clip is kept by the
-``keep`` rule (quality score, longest, highest resolution or earliest input; ties fall to the
-later rules and finally to the earliest key); the others get ``drop_reason="duplicate"`` and
-``duplicate_of`` = the kept clip's key, so ``duplicate_of`` always names a kept clip.
+An exact, frame or audio link is **refused when the other perceptual signal contradicts it**: when
+both clips carry at least ``veto_min_segments`` informative segments of that signal where they
+overlap and fewer than ``veto_ratio`` of them match near the link's offset. Two videos on the same
+test pattern or still picture with different speech, or the same tune under different pictures,
+are not copies. Neighbouring clips of one video get no special treatment: they are linked only
+when their content repeats (a loop, a still picture with the same sound).
+
+**Groups are formed around the kept clip**: clips are visited best first under the ``keep`` rule
+(quality score, longest, highest resolution or earliest input; ties fall to the later rules and
+finally to the earliest key); each joins the best representative it is linked to directly, or
+becomes a representative. So a chain of links (A~B, B~C) never merges A and C by itself, and
+``duplicate_of`` always names a kept clip the duplicate was itself matched with
+(``grouping="connected"`` restores union-find). Duplicates get ``drop_reason="duplicate"``.
 
 The phase works on a table of signals: ``process_all`` writes it to
-``STAGING/dedup/signals.parquet``, decides from it, and writes the decisions to
+``STAGING/dedup/signals.parquet``, decides from it, and writes the decisions (with a readable
+``evidence`` column: ratio, segments, offset and overlap of each link) to
 ``STAGING/dedup/duplicates.parquet``; ``dedup_parquet`` runs the same decision on signal files
 written earlier (re-runs, offline runs at scale). The core algorithms are plain functions on
-numpy arrays (``hamming_pairs``, ``cosine_pairs``, ``code_match_pairs``, ``union_find``,
-``choose_kept``) so benchmarks call them directly. Scaling to 100 M clips: infra/DEDUP_SCALING.md.
+numpy arrays (``hamming_pairs``, ``cosine_pairs``, ``AlignedMatches``,
+``group_by_representative``, ``rank_keys``) so benchmarks call them directly. Precision and
+recall on hard negatives: ``python -m tests.bench.dedup_bench --hard``. Scaling to 100 M clips:
+infra/DEDUP_SCALING.md.
 
 Placed early in ``stages`` (``[download, split, extract, quality, fingerprint, dedup, asr, ...]``)
 it removes duplicates on cheap signals before the expensive model stages see them; placed after
@@ -34,6 +53,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -51,6 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+DEFAULT_FRAME_STEP = 0.25  # seconds between frames of signal rows written without frame_times
+DEFAULT_AUDIO_STEP = 0.032  # seconds between audio codes of signal rows written without audio_times
 
 SIGNAL_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("key", pa.string()),
@@ -61,7 +83,9 @@ SIGNAL_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("quality", pa.float64()),
     ("content_hash", pa.string()),
     ("frame_hashes", pa.list_(pa.int64())),
+    ("frame_times", pa.list_(pa.float32())),
     ("audio_fingerprint", pa.list_(pa.int64())),
+    ("audio_times", pa.list_(pa.float32())),
     ("visual_embedding", pa.list_(pa.float32())),
     ("text_embedding", pa.list_(pa.float32())),
 )
@@ -202,51 +226,6 @@ def hamming_pairs(
     lims, _dist, ids = index.range_search(_as_bytes(q), radius + 1)  # FAISS: distance < radius
     qi = np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims).astype(np.int64))
     return qi, ids.astype(np.int64)
-
-
-def code_match_pairs(
-    codes: np.ndarray,
-    owner: np.ndarray,
-    unit: np.ndarray,
-    radius: int,
-    min_ratio: float,
-    min_count: int,
-    mirror_mask: int = 0,
-    method: str = "auto",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clip pairs whose codes match: ((m x 2) pairs, their match ratio).
-
-    ``owner[c]`` is the clip of code ``c``; ``unit[c]`` the unit it describes (a frame, whose
-    several hashes share it, or the code itself), numbered globally. Clip A matches B when at least
-    ``min_ratio`` of A's units (and ``min_count`` units) have a code within ``radius`` of one of B's
-    codes; with ``mirror_mask`` the mirrored queries (``code ^ mirror_mask``) count too.
-    """
-    codes = np.asarray(codes, dtype=np.uint64)
-    owner = np.asarray(owner, dtype=np.int64)
-    unit = np.asarray(unit, dtype=np.int64)
-    if len(codes) == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0)
-    queries = codes
-    q_unit = unit
-    q_owner = owner
-    if mirror_mask:
-        queries = np.concatenate([codes, codes ^ np.uint64(mirror_mask)])
-        q_unit = np.concatenate([unit, unit])
-        q_owner = np.concatenate([owner, owner])
-    qi, ci = hamming_pairs(codes, radius, queries, method)
-    a, b, u = q_owner[qi], owner[ci], q_unit[qi]
-    other = a != b
-    a, b, u = a[other], b[other], u[other]
-    if len(a) == 0:
-        return np.zeros((0, 2), np.int64), np.zeros(0)
-    triples = np.unique(np.stack([a, b, u], axis=1), axis=0)  # each unit of A counted once per B
-    pairs, matched = np.unique(triples[:, :2], axis=0, return_counts=True)
-    units_per_clip = np.bincount(
-        owner[np.unique(unit, return_index=True)[1]], minlength=int(owner.max()) + 1
-    )
-    ratio = matched / np.maximum(units_per_clip[pairs[:, 0]], 1)
-    ok = (ratio >= min_ratio) & (matched >= min_count)
-    return pairs[ok], ratio[ok]
 
 
 # --------------------------------------------------------------------------- cosine (float FAISS)
@@ -472,7 +451,7 @@ def signals_table(rows: list[Row], quality_score: str) -> pa.Table:
         cols["pixels"].append(int(w * h) if w and h else None)
         cols["quality"].append(_quality(row, quality_score))
         cols["content_hash"].append(row.get("content_hash"))
-        for name in ("frame_hashes", "audio_fingerprint", "visual_embedding", "text_embedding"):
+        for name in ("frame_hashes", "frame_times", "audio_fingerprint", "audio_times", "visual_embedding", "text_embedding"):
             cols[name].append(list(row.get(name) or []))
     return pa.table(cols, schema=pa.schema([pa.field(n, t) for n, t in SIGNAL_FIELDS]))
 
@@ -500,79 +479,426 @@ def _embedding_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return rows, np.array([lists[i] for i in rows], dtype=np.float32)
 
 
+# --------------------------------------------------------------------------- aligned evidence
+
+
+@dataclass
+class CodeSet:
+    """One perceptual signal (frames or audio) of every clip: codes grouped into timed units.
+
+    A unit is what one code describes: a frame (whose ``len(FRAME_SCALES)`` hashes share it) or
+    an audio window. ``unit_segment`` numbers runs of near-identical consecutive units of a clip
+    (a still picture is one segment, ~256 ms of audio is one): matches are counted in distinct
+    segments, so a still picture or a held note is one piece of evidence, not forty.
+    """
+
+    name: str
+    codes: np.ndarray  # uint64, all codes
+    code_unit: np.ndarray  # int64, the unit of each code
+    unit_owner: np.ndarray  # int64, the clip of each unit
+    unit_time: np.ndarray  # float64, seconds from the clip start
+    unit_segment: np.ndarray  # int64, global segment id of each unit
+    n_clips: int
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_owner)
+
+
+def _segments(first_codes: np.ndarray, owner: np.ndarray, radius: int) -> np.ndarray:
+    """Global ids of runs of units whose first code stays within ``radius`` of the run's first."""
+    seg = np.zeros(len(first_codes), np.int64)
+    current = -1
+    anchor = 0
+    prev_owner = -1
+    for i, (code, own) in enumerate(zip(first_codes.tolist(), owner.tolist(), strict=True)):
+        if own != prev_owner or (code ^ anchor).bit_count() > radius:
+            current += 1
+            anchor = code
+            prev_owner = own
+        seg[i] = current
+    return seg
+
+
+def code_set(
+    name: str, codes_col: pa.ChunkedArray, times_col: pa.ChunkedArray | None, per_unit: int, default_step: float,
+    radius: int,
+) -> CodeSet:  # fmt: skip
+    """Build a :class:`CodeSet` from a list<int64> code column and its list<float> time column.
+
+    Rows without times (signal files from before times were stored) get ``default_step``
+    seconds between units.
+    """
+    codes, owner = _flat_codes(codes_col)
+    n = len(codes_col)
+    counts = np.bincount(owner, minlength=n)
+    if per_unit > 1 and np.any(counts % per_unit):
+        log.warning("dedup: %s not in groups of %d; counting each code as a unit", name, per_unit)
+        per_unit = 1
+    units_per_clip = counts // per_unit
+    code_unit = np.arange(len(codes), dtype=np.int64) // per_unit
+    unit_owner = np.repeat(np.arange(n, dtype=np.int64), units_per_clip)
+    times: list[Any] = times_col.to_pylist() if times_col is not None else [None] * n
+    unit_time = np.empty(len(unit_owner), np.float64)
+    pos = 0
+    for i, k in enumerate(units_per_clip.tolist()):
+        t = times[i]
+        unit_time[pos : pos + k] = t if t is not None and len(t) == k else np.arange(k) * default_step
+        pos += k
+    first = codes[::per_unit] if per_unit > 1 else codes
+    segment = _segments(first, unit_owner, radius)
+    return CodeSet(name, codes, code_unit, unit_owner, unit_time, segment, n)
+
+
+@dataclass
+class Evidence:
+    """How well clip ``a``'s units match clip ``b``'s at one time offset (``b`` time = ``a`` time + offset)."""
+
+    offset: float
+    overlap: float  # seconds both clips cover at this offset
+    units_a: int  # informative units of a inside the overlap
+    units_b: int
+    matched_a: int  # of them, matched by b at this offset
+    matched_b: int
+    segments: int  # distinct matched segments (the smaller side)
+
+    @property
+    def ratio(self) -> float:
+        """Share of matched units: the better of the two sides (a shorter or degraded copy has fewer)."""
+        ra = self.matched_a / self.units_a if self.units_a else 0.0
+        rb = self.matched_b / self.units_b if self.units_b else 0.0
+        return max(ra, rb)
+
+
+class AlignedMatches:
+    """Unit matches of one signal between clips, with time offsets; rare codes only.
+
+    Every code (and, for frames, its mirrored form) is searched under Hamming ``radius`` (FAISS).
+    A unit that matches units of more than ``max_clips`` other clips is *common* (a test pattern, a
+    logo, a generic texture: like a stop-listed hash in audio fingerprinting) and takes no part:
+    neither as a match nor as a unit that must be matched.
+    """
+
+    def __init__(
+        self, cs: CodeSet, radius: int, max_clips: int, tolerance: float, mirror_mask: int = 0, method: str = "auto"
+    ) -> None:
+        self.cs = cs
+        self.tolerance = tolerance
+        n_codes = len(cs.codes)
+        empty = np.zeros(0, np.int64)
+        ua = ub = mir = empty
+        if n_codes:
+            queries = cs.codes if not mirror_mask else np.concatenate([cs.codes, cs.codes ^ np.uint64(mirror_mask)])
+            qi, ci = hamming_pairs(cs.codes, radius, queries, method)
+            mir = (qi >= n_codes).astype(np.int64)
+            ua, ub = cs.code_unit[qi % n_codes], cs.code_unit[ci]
+            other = cs.unit_owner[ua] != cs.unit_owner[ub]
+            ua, ub, mir = ua[other], ub[other], mir[other]
+        # document frequency: other clips each unit matches
+        uc = np.unique(np.stack([ua, cs.unit_owner[ub]], axis=1), axis=0) if len(ua) else np.zeros((0, 2), np.int64)
+        df = np.bincount(uc[:, 0], minlength=cs.n_units) if len(uc) else np.zeros(cs.n_units, np.int64)
+        self.common = df > max_clips
+        if self.common.any():
+            log.info("dedup: %d of %d %s units are common (match > %d clips): ignored",
+                     int(self.common.sum()), cs.n_units, cs.name, max_clips)  # fmt: skip
+        keep = ~self.common[ua] & ~self.common[ub] if len(ua) else np.zeros(0, bool)
+        ua, ub, mir = ua[keep], ub[keep], mir[keep]
+        a, b = cs.unit_owner[ua], cs.unit_owner[ub]
+        fwd = a < b  # the search is symmetric (mirror too: d(x^m, y) == d(x, y^m)): keep one direction
+        ua, ub, mir = ua[fwd], ub[fwd], mir[fwd]
+        if len(ua):
+            trip = np.unique(np.stack([ua, ub, mir], axis=1), axis=0)
+            ua, ub, mir = trip[:, 0], trip[:, 1], trip[:, 2]
+        a, b = cs.unit_owner[ua], cs.unit_owner[ub]
+        order = np.lexsort((ub, ua, b, a))
+        self.ua, self.ub, self.mir = ua[order], ub[order], mir[order]
+        self.pa, self.pb = a[order], b[order]
+        pair_keys = self.pa * np.int64(cs.n_clips) + self.pb
+        self._keys, self._starts = np.unique(pair_keys, return_index=True)
+        self._ends = np.append(self._starts[1:], len(pair_keys))
+        # informative (non-common) unit times per clip, sorted, for the overlap denominators
+        informative = ~self.common
+        self._times: list[np.ndarray] = []
+        self._segs: list[np.ndarray] = []
+        by_owner = np.argsort(cs.unit_owner, kind="stable")
+        bounds = np.searchsorted(cs.unit_owner[by_owner], np.arange(cs.n_clips + 1))
+        for c in range(cs.n_clips):
+            idx = by_owner[bounds[c] : bounds[c + 1]]
+            idx = idx[informative[idx]]
+            o = np.argsort(cs.unit_time[idx], kind="stable")
+            self._times.append(cs.unit_time[idx][o])
+            self._segs.append(cs.unit_segment[idx][o])
+
+    def candidate_pairs(self, min_segments: int) -> np.ndarray:
+        """Clip pairs (a < b) whose matches touch at least ``min_segments`` segments of each clip."""
+        if not len(self._keys):
+            return np.zeros((0, 2), np.int64)
+        seg_a = np.unique(np.stack([self.pa, self.pb, self.cs.unit_segment[self.ua]], axis=1), axis=0)
+        seg_b = np.unique(np.stack([self.pa, self.pb, self.cs.unit_segment[self.ub]], axis=1), axis=0)
+        pairs_a, count_a = np.unique(seg_a[:, :2], axis=0, return_counts=True)
+        pairs_b, count_b = np.unique(seg_b[:, :2], axis=0, return_counts=True)
+        ok_a = {tuple(p) for p in pairs_a[count_a >= min_segments].tolist()}
+        ok_b = {tuple(p) for p in pairs_b[count_b >= min_segments].tolist()}
+        return np.array(sorted(ok_a & ok_b), dtype=np.int64).reshape(-1, 2)
+
+    def _pair(self, a: int, b: int) -> slice:
+        key = a * self.cs.n_clips + b
+        i = int(np.searchsorted(self._keys, key))
+        if i < len(self._keys) and self._keys[i] == key:
+            return slice(int(self._starts[i]), int(self._ends[i]))
+        return slice(0, 0)
+
+    def informative_units(self, clip: int, lo: float, hi: float) -> tuple[int, int]:
+        """(units, distinct segments) of ``clip`` with lo <= time <= hi."""
+        t = self._times[clip]
+        i, j = np.searchsorted(t, lo - 1e-6), np.searchsorted(t, hi + 1e-6, side="right")
+        return int(j - i), len(np.unique(self._segs[clip][i:j]))
+
+    def evidence(
+        self, a: int, b: int, duration_a: float, duration_b: float, around: tuple[float, float] | None = None
+    ) -> Evidence:
+        """Evidence for clips ``a`` < ``b`` at the best offset of their matches.
+
+        The best offset is the one most distinct units of ``a`` agree on, within ``tolerance``
+        (the matches of a copy share one offset; chance matches scatter). ``around`` = (offset,
+        radius) restricts the search to offsets near one found by another signal; without any
+        match there the evidence is taken at that offset (and is empty).
+        """
+        s = self._pair(a, b)
+        ua, ub, mir = self.ua[s], self.ub[s], self.mir[s]
+        off = self.cs.unit_time[ub] - self.cs.unit_time[ua]
+        tol = self.tolerance
+        if around is not None:
+            sel = np.abs(off - around[0]) <= around[1] + tol
+            ua, ub, mir, off = ua[sel], ub[sel], mir[sel], off[sel]
+        if len(off) == 0 and around is None:
+            return Evidence(0.0, 0.0, 0, 0, 0, 0, 0)
+        offset = around[0] if around is not None else 0.0
+        best_n = -1
+        step = tol / 2
+        for m in np.unique(mir).tolist():  # mirrored and plain matches are separate hypotheses
+            o, u = off[mir == m], ua[mir == m]
+            for c in np.unique(np.round(o / step)).tolist():  # candidate offsets on a grid of tol / 2
+                w = np.abs(o - c * step) <= tol
+                n = len(np.unique(u[w]))
+                if n > best_n:
+                    best_n, offset = n, float(np.median(o[w]))
+        near = np.abs(off - offset) <= tol
+        if near.any():  # the orientation with more matches at this offset
+            m_best = max(np.unique(mir[near]).tolist(), key=lambda m: int(np.sum(near & (mir == m))))
+            near &= mir == m_best
+        lo_a = max(0.0, -offset)
+        hi_a = min(duration_a, duration_b - offset)
+        overlap = max(0.0, hi_a - lo_a)
+        units_a, _ = self.informative_units(a, lo_a - tol, hi_a + tol)
+        units_b, _ = self.informative_units(b, lo_a + offset - tol, hi_a + offset + tol)
+        ua_n, ub_n = ua[near], ub[near]
+        segments = min(len(np.unique(self.cs.unit_segment[ua_n])), len(np.unique(self.cs.unit_segment[ub_n])))
+        return Evidence(
+            offset, overlap, units_a, units_b, len(np.unique(ua_n)), len(np.unique(ub_n)), segments
+        )
+
+    def segments_in_overlap(self, a: int, b: int, ev: Evidence) -> tuple[int, int]:
+        lo_a = max(0.0, -ev.offset)
+        hi_a = lo_a + ev.overlap
+        tol = self.tolerance
+        return (
+            self.informative_units(a, lo_a - tol, hi_a + tol)[1],
+            self.informative_units(b, lo_a + ev.offset - tol, hi_a + ev.offset + tol)[1],
+        )
+
+
+def group_by_representative(n: int, pairs: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Groups in which every member is linked directly to its group's kept clip.
+
+    Clips are visited best first (``rank``); a clip joins the best-ranked representative it has
+    a link to, or becomes a representative itself. Unlike connected components, a chain
+    A-B-C of two links does not put A and C together unless one of them links the other's
+    representative: one weak link cannot merge two groups. Returns, per clip, the index of its
+    group's representative (itself for a representative).
+    """
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for a, b in np.asarray(pairs, dtype=np.int64).reshape(-1, 2).tolist():
+        if a != b:
+            neighbours[a].append(b)
+            neighbours[b].append(a)
+    rep = np.full(n, -1, dtype=np.int64)
+    for i in np.argsort(rank, kind="stable").tolist():
+        reps = [j for j in neighbours[i] if rep[j] == j]
+        rep[i] = min(reps, key=lambda j: rank[j]) if reps else i
+    return rep
+
+
+def _durations(table: pa.Table, sets: Sequence[CodeSet]) -> np.ndarray:
+    dur = np.array([np.nan if v is None else v for v in table.column("duration").to_pylist()], np.float64)
+    for cs in sets:  # rows without clip times: as long as their last timed unit
+        if np.isnan(dur).any() and cs.n_units:
+            last = np.zeros(table.num_rows)
+            np.maximum.at(last, cs.unit_owner, cs.unit_time)
+            dur = np.where(np.isnan(dur), np.maximum(last, 0.0) + 0.5, dur)
+    return np.nan_to_num(dur, nan=0.0)
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
+    return table.column(name) if name in table.column_names else None
+
+
+def perceptual_links(
+    table: pa.Table, cfg: DedupConfig
+) -> tuple[dict[tuple[int, int], dict[str, Evidence]], dict[str, AlignedMatches], np.ndarray]:
+    """Aligned frame / audio evidence per clip pair (a < b) that passes the signal's thresholds."""
+    n = table.num_rows
+    max_clips = max(cfg.common_code_clips, math.ceil(cfg.common_code_share * n))
+    matches: dict[str, AlignedMatches] = {}
+    ratios: dict[str, float] = {}
+    if cfg.frames:
+        cs = code_set("frames", table.column("frame_hashes"), _column(table, "frame_times"), len(FRAME_SCALES),
+                      DEFAULT_FRAME_STEP, cfg.frame_radius)  # fmt: skip
+        matches["frames"] = AlignedMatches(cs, cfg.frame_radius, max_clips, cfg.frame_offset_tolerance, MIRROR_MASK)
+        ratios["frames"] = cfg.frame_match_ratio
+    if cfg.audio:
+        cs = code_set("audio", table.column("audio_fingerprint"), _column(table, "audio_times"), 1,
+                      DEFAULT_AUDIO_STEP, cfg.audio_radius)  # fmt: skip
+        matches["audio"] = AlignedMatches(cs, cfg.audio_radius, max_clips, cfg.audio_offset_tolerance)
+        ratios["audio"] = cfg.audio_match_ratio
+    dur = _durations(table, [m.cs for m in matches.values()])
+    found: dict[tuple[int, int], dict[str, Evidence]] = {}
+    for name, m in matches.items():
+        for a, b in m.candidate_pairs(cfg.min_matched_codes).tolist():
+            ev = m.evidence(a, b, dur[a], dur[b])
+            if (
+                ev.segments >= cfg.min_matched_codes
+                and ev.ratio >= ratios[name]
+                and ev.overlap >= cfg.min_overlap * min(dur[a], dur[b])
+            ):
+                found.setdefault((a, b), {})[name] = ev
+    return found, matches, dur
+
+
+def contradiction(
+    a: int, b: int, offset: float, search: float, m: AlignedMatches, dur: np.ndarray, cfg: DedupConfig
+) -> Evidence | None:
+    """The evidence of signal ``m`` against linking ``a`` and ``b`` at ``offset``, or None.
+
+    Both clips must carry enough information in that signal where they overlap (at least
+    ``veto_min_segments`` distinct segments each) and match poorly there (``veto_ratio``): a
+    frame link between two clips that say different things, or an audio link between different
+    pictures, is a coincidence (same test pattern, same still picture, same tune), not a copy.
+    """
+    ev = m.evidence(a, b, dur[a], dur[b], around=(offset, search))
+    seg_a, seg_b = m.segments_in_overlap(a, b, ev)
+    if seg_a >= cfg.veto_min_segments and seg_b >= cfg.veto_min_segments and ev.ratio < cfg.veto_ratio:
+        return ev
+    # one clip says a lot where the other says (almost) nothing: speech against a bare tone,
+    # a moving picture against a still one
+    few, many = sorted((seg_a, seg_b))
+    if many >= 2 * cfg.veto_min_segments and few < cfg.veto_min_segments and few < many / 4:
+        return ev
+    return None
+
+
+def _describe(name: str, ev: Evidence) -> str:
+    return f"{name} {ev.ratio:.2f} of units ({ev.segments} segments) at {ev.offset:+.2f} s over {ev.overlap:.1f} s"
+
+
 def find_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
-    """Decide duplicates from a signals table: key, group, duplicate_of (kept key or null), signals."""
+    """Decide duplicates from a signals table.
+
+    Returns key, group (the representative's key), duplicate_of (kept key or null), signals (of
+    the clip's link to its representative; for a representative, of its members' links) and
+    evidence (a readable account of that link).
+    """
     n = table.num_rows
     keys = table.column("key").to_pylist()
-    edges: list[np.ndarray] = []
-    edge_signal: list[str] = []
-
-    def add(pairs: np.ndarray, signal: str) -> None:
-        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-        log.info("dedup: %d %s links", len(pairs), signal)
-        edges.append(pairs)
-        edge_signal.extend([signal] * len(pairs))
-
     started = time.perf_counter()
+    links: dict[tuple[int, int], dict[str, str]] = {}  # (a, b) -> signal -> evidence text
+    perceptual, matches, dur = perceptual_links(table, cfg) if (cfg.frames or cfg.audio) else ({}, {}, None)
+    if dur is None:
+        dur = _durations(table, [])
+    candidates: dict[tuple[int, int], dict[str, Evidence]] = {p: dict(v) for p, v in perceptual.items()}
     if cfg.exact:
-        add(exact_pairs(table.column("content_hash").to_pylist()), "exact")
-    if cfg.frames:
-        codes, owner = _flat_codes(table.column("frame_hashes"))
-        # the len(FRAME_SCALES) hashes of one frame are one unit; rows hold whole frames
-        per = len(FRAME_SCALES)
-        if np.any(np.bincount(owner, minlength=n) % per):
-            log.warning("dedup: frame_hashes not in groups of %d; counting each hash as a frame", per)
-            per = 1
-        unit = np.arange(len(codes)) // per
-        pairs, _ = code_match_pairs(
-            codes, owner, unit, cfg.frame_radius, cfg.frame_match_ratio, cfg.min_matched_codes, MIRROR_MASK
-        )
-        add(pairs, "frames")
-    if cfg.audio:
-        codes, owner = _flat_codes(table.column("audio_fingerprint"))
-        pairs, _ = code_match_pairs(
-            codes, owner, np.arange(len(codes)), cfg.audio_radius, cfg.audio_match_ratio, cfg.min_matched_codes
-        )
-        add(pairs, "audio")
+        for i, j in exact_pairs(table.column("content_hash").to_pylist()).tolist():
+            a, b = min(i, j), max(i, j)
+            same = Evidence(0.0, float(min(dur[a], dur[b])), 1, 1, 1, 1, 1)
+            candidates.setdefault((a, b), {})["exact"] = same
+    vetoed = 0
+    for (a, b), signals in candidates.items():
+        lead = next(s for s in ("exact", "frames", "audio") if s in signals)
+        offset = signals[lead].offset
+        search = 0.0 if lead == "exact" else matches[lead].tolerance
+        against = None
+        for name, m in matches.items():
+            if name in signals:
+                continue
+            ev = contradiction(a, b, offset, search + (0.25 if lead == "exact" else 0.0), m, dur, cfg)
+            if ev is not None:
+                against = (name, ev)
+                break
+        if against is not None:
+            vetoed += 1
+            log.debug("dedup: %s ~ %s by %s vetoed: %s", keys[a], keys[b], lead, _describe(*against))
+            continue
+        links[(a, b)] = {s: ("same content_hash" if s == "exact" else _describe(s, ev)) for s, ev in signals.items()}
     if cfg.semantic:
         for name in cfg.semantic_fields:
             rows, x = _embedding_rows(table.column(name))
             if len(rows) < 2:
                 continue
             kind = "auto" if cfg.index == "auto" else cfg.index
-            pairs, _ = cosine_pairs(
+            pairs, sims = cosine_pairs(
                 x, cfg.semantic_threshold, kind, cfg.neighbors, cfg.nprobe, cfg.use_gpu,
                 cfg.flat_max_rows, cfg.ivf_max_rows,
             )  # fmt: skip
-            add(rows[pairs] if len(pairs) else pairs, f"semantic:{name}")
-    all_edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
-    labels = union_find(n, all_edges)
+            for (i, j), sim in zip(pairs.tolist(), sims.tolist(), strict=True):
+                a, b = sorted((int(rows[i]), int(rows[j])))
+                links.setdefault((a, b), {})[f"semantic:{name}"] = f"cosine {sim:.3f}"
+    per_signal: dict[str, int] = {}
+    for sigs in links.values():
+        for s in sigs:
+            per_signal[s] = per_signal.get(s, 0) + 1
+    log.info("dedup: links per signal %s; %d candidate links vetoed by a contradicting signal", per_signal, vetoed)
+    pairs = np.array(sorted(links), dtype=np.int64).reshape(-1, 2)
     rank = rank_keys(
         cfg.keep,
         np.array([np.nan if v is None else v for v in table.column("quality").to_pylist()], np.float64),
-        np.array([np.nan if v is None else v for v in table.column("duration").to_pylist()], np.float64),
+        dur,
         np.array([np.nan if v is None else v for v in table.column("pixels").to_pylist()], np.float64),
         np.array(table.column("input_index").to_pylist(), np.int64),
         np.array(table.column("clip_index").to_pylist(), np.int64),
         keys,
     )
-    kept_of = choose_kept(labels, rank)
+    if cfg.grouping == "connected":
+        labels = union_find(n, pairs)
+        kept_of = choose_kept(labels, rank)
+        rep = np.where(kept_of < 0, np.arange(n), kept_of)
+    else:
+        rep = group_by_representative(n, pairs, rank)
     signals: list[set[str]] = [set() for _ in range(n)]
-    for (a, b), sig in zip(all_edges.tolist(), edge_signal, strict=True):
-        signals[a].add(sig)
-        signals[b].add(sig)
-    dup_of = [None if k < 0 else keys[k] for k in kept_of.tolist()]
+    evidence: list[str | None] = [None] * n
+    for i in range(n):
+        r = int(rep[i])
+        if r == i:
+            continue
+        link = links.get((min(i, r), max(i, r)))
+        if link is None:  # connected components: no direct link to the kept clip
+            signals[i].add("chain")
+            continue
+        signals[i].update(link)
+        signals[r].update(link)
+        evidence[i] = "; ".join(link.values())
+    dup_of = [None if int(rep[i]) == i else keys[int(rep[i])] for i in range(n)]
     log.info(
         "dedup: %d rows, %d duplicates in %d groups (%.2f s)",
-        n, sum(d is not None for d in dup_of), len({labels[i] for i in range(n) if kept_of[i] >= 0}),
+        n, sum(d is not None for d in dup_of), len({int(rep[i]) for i in range(n) if dup_of[i] is not None}),
         time.perf_counter() - started,
     )  # fmt: skip
     return pa.table(
         {
             "key": keys,
-            "group": [keys[int(g)] for g in labels.tolist()],
+            "group": [keys[int(g)] for g in rep.tolist()],
             "duplicate_of": dup_of,
             "signals": [sorted(s) for s in signals],
+            "evidence": pa.array(evidence, pa.string()),
         }
     )
 
@@ -592,8 +918,11 @@ class DedupStage(Stage[DedupConfig]):
     global_phase = True
     reads = (
         "key", "input_index", "clip_index", "clip_start", "clip_end", "width", "height", "scores",
-        "content_hash", "frame_hashes", "audio_fingerprint", "visual_embedding", "text_embedding",
+        "content_hash", "frame_hashes", "frame_times", "audio_fingerprint", "audio_times",
+        "visual_embedding", "text_embedding",
     )  # fmt: skip
+    # quality scores and embeddings are used when present (semantic dedup needs visual_tags / text_embed)
+    optional_reads = ("scores", "visual_embedding", "text_embedding")
     writes = ("drop_reason", "duplicate_of")
 
     @property
@@ -632,5 +961,3 @@ class DedupStage(Stage[DedupConfig]):
             pq.write_table(data, staging.local(rel))
             uri = staging.publish(rel)
         log.info("dedup: signals and decisions written beside %s", uri)
-    # quality scores and embeddings are used when present (semantic dedup needs visual_tags / text_embed)
-    optional_reads = ("scores", "visual_embedding", "text_embedding")

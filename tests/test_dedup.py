@@ -1,9 +1,15 @@
-"""Dedup on a generated corpus with planted duplicates, through the real pipeline.
+"""Dedup on generated corpora with planted duplicates and hard negatives.
 
-Three source videos, each copied seven ways (byte copy, low-bitrate half-resolution re-encode,
-10% centred crop, letterbox, brightness/contrast shift, mirror flip, 1.5 s head trim), plus three
-distinct videos of the same kind (same scene kinds, other seeds: other content). Precision and
-recall are measured over video pairs with the shipped default thresholds.
+1. Through the real pipeline: three source videos, each copied seven ways (byte copy, low-bitrate
+   half-resolution re-encode, 10% centred crop, letterbox, brightness/contrast shift, mirror flip,
+   1.5 s head trim), plus three distinct videos of the same kind (same scene kinds, other seeds).
+2. Hard negatives (tests/bench/dedup_bench.py ``make_hard_corpus``): originals on smooth
+   gradients, cellular automata, fractals, testsrc2 / smptebars (the same luma in every video), a
+   dark scene of sparse moving dots; two sentences each in *one* synthetic voice over a quiet tone
+   of the video's own pitch, or a bare tone, or silence; cut into consecutive 10 s clips; the seven
+   transforms planted on them, and one video whose content really repeats.
+
+Precision and recall are measured over pairs with the shipped default thresholds.
 """
 
 from __future__ import annotations
@@ -22,7 +28,25 @@ import pytest
 from pipeline.config import DedupConfig, RunConfig
 from pipeline.runner import run_pipeline
 from pipeline.samples import synth_video
-from stages.dedup import choose_kept, code_match_pairs, cosine_pairs, find_duplicates, rank_keys, union_find
+from stages.dedup import (
+    AlignedMatches,
+    CodeSet,
+    choose_kept,
+    cosine_pairs,
+    find_duplicates,
+    group_by_representative,
+    rank_keys,
+    signals_table,
+    union_find,
+)
+from tests.bench.dedup_bench import (
+    HARD_TRANSFORMS,
+    corpus_clips,
+    fingerprint_clips,
+    make_hard_corpus,
+    score_decisions,
+    true_duplicate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +237,59 @@ def test_union_find_groups_transitively() -> None:
     assert len(set(labels.tolist())) == 3
 
 
-def test_code_match_ratio_and_mirror() -> None:
+def _code_set(clips: list[tuple[np.ndarray, np.ndarray]]) -> CodeSet:
+    codes = np.concatenate([c for c, _ in clips])
+    owner = np.repeat(np.arange(len(clips)), [len(c) for c, _ in clips])
+    return CodeSet(
+        "test", codes, np.arange(len(codes)), owner, np.concatenate([t for _, t in clips]).astype(np.float64),
+        np.arange(len(codes)), len(clips),
+    )  # fmt: skip
+
+
+def test_aligned_matches_need_one_offset_and_see_mirrors() -> None:
+    """A copy's matches share one time offset; the same codes at scattered times are chance."""
     rng = np.random.default_rng(0)
-    a = rng.integers(0, 2**63, size=10, dtype=np.uint64)
     mask = 0xAAAAAAAAAAAAAAAA
-    b = a[:6] ^ np.uint64(mask)  # clip 1: mirrored copy of 6 of clip 0's 10 codes
-    c = rng.integers(0, 2**63, size=10, dtype=np.uint64)  # clip 2: unrelated
-    codes = np.concatenate([a, b, c])
-    owner = np.repeat([0, 1, 2], [10, 6, 10])
-    pairs, ratio = code_match_pairs(codes, owner, np.arange(len(codes)), 4, 0.5, 3, mirror_mask=mask)
-    found = {tuple(p): r for p, r in zip(pairs.tolist(), ratio.tolist(), strict=True)}
-    assert found == {(0, 1): pytest.approx(0.6), (1, 0): pytest.approx(1.0)}
-    pairs, _ = code_match_pairs(codes, owner, np.arange(len(codes)), 4, 0.5, 3)
-    assert len(pairs) == 0  # without mirrored queries nothing matches
+    a = rng.integers(0, 2**63, size=10, dtype=np.uint64)
+    t = np.arange(10) * 0.5
+    clips = [
+        (a, t),
+        (a[2:8] ^ np.uint64(mask), t[2:8] + 1.0),  # 1: mirrored copy of 6 codes, 1 s later
+        (rng.integers(0, 2**63, size=10, dtype=np.uint64), t),  # 2: unrelated
+        (a[rng.permutation(10)], t),  # 3: the same codes in another order: no common offset
+    ]
+    m = AlignedMatches(_code_set(clips), radius=4, max_clips=10, tolerance=0.2, mirror_mask=mask)
+    ev = m.evidence(0, 1, 5.0, 5.0)
+    assert ev.offset == pytest.approx(1.0)
+    assert ev.matched_a == 6 and ev.ratio == pytest.approx(1.0)  # all of clip 1's units, at one offset
+    assert m.evidence(0, 2, 5.0, 5.0).matched_a == 0
+    shuffled = m.evidence(0, 3, 5.0, 5.0)
+    assert shuffled.matched_a <= 3 and shuffled.ratio < 0.5  # far from the 10 of 10 of a real copy
+    plain = AlignedMatches(_code_set(clips), radius=4, max_clips=10, tolerance=0.2)
+    assert plain.evidence(0, 1, 5.0, 5.0).matched_a == 0  # without mirrored queries nothing matches
+
+
+def test_common_codes_are_ignored() -> None:
+    """A code shared by more clips than max_clips (a logo, a test card) is no evidence."""
+    rng = np.random.default_rng(1)
+    logo = rng.integers(0, 2**63, size=1, dtype=np.uint64)
+    clips = []
+    for _ in range(6):
+        own = rng.integers(0, 2**63, size=4, dtype=np.uint64)
+        clips.append((np.concatenate([logo, own]), np.arange(5) * 0.5))
+    m = AlignedMatches(_code_set(clips), radius=2, max_clips=3, tolerance=0.2)
+    assert m.common.sum() == 6  # the logo in every clip
+    assert len(m.candidate_pairs(1)) == 0
+
+
+def test_groups_do_not_chain_through_one_link() -> None:
+    """0~1 and 1~2 but not 0~2: union-find merges all three, grouping by representative does not."""
+    pairs = np.array([[0, 1], [1, 2], [3, 4]])
+    rank = np.array([0, 1, 2, 3, 4])
+    rep = group_by_representative(5, pairs, rank)
+    assert rep.tolist() == [0, 0, 2, 3, 3]
+    labels = union_find(5, pairs)
+    assert labels[0] == labels[2]
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
@@ -293,3 +357,52 @@ def test_dedup_on_ray(tmp_path: Path) -> None:
     assert dup_of == {
         "copy_0000": "src_0000", "mirror_0000": "src_0000", "copy_0001": "src_0001", "mirror_0001": "src_0001",
     }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- hard negatives
+
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
+    """The hard-negative corpus: 10 originals, the 7 transforms on originals 0-6, one looping video."""
+    root = tmp_path_factory.mktemp("dedup_hard")
+    corpus = make_hard_corpus(root / "media", originals=10, copies=len(HARD_TRANSFORMS), seed=3)
+    rows = fingerprint_clips(corpus_clips(corpus), root / "staging")
+    decided = find_duplicates(signals_table(rows, "quality"), DedupConfig()).to_pylist()
+    return rows, decided
+
+
+@pytest.mark.timeout(900)
+def test_hard_negatives_no_false_duplicates(hard: tuple[list[dict], list[dict]]) -> None:
+    rows, decided = hard
+    result = score_decisions(rows, decided)
+    for d in decided:
+        if d["duplicate_of"]:
+            log.info("%s -> %s: %s", d["key"], d["duplicate_of"], d["evidence"])
+    log.info("hard negatives: %s", {k: v for k, v in result.items() if k not in ("false_pairs", "missed_pairs")})
+    assert result["false_pairs"] == [], result["false_pairs"]
+    assert result["mark_precision"] == 1.0
+    # consecutive clips of one video are never duplicates, unless the content repeats (the loop)
+    by_key = {d["key"]: d for d in decided}
+    for r in rows:
+        if r["clip_index"] == 1 and r["video_id"] != "loop":
+            first = by_key[f"{r['video_id']}_0000"]
+            assert by_key[r["key"]]["group"] != first["group"], r["key"]
+
+
+@pytest.mark.timeout(900)
+def test_hard_corpus_planted_transforms_found(hard: tuple[list[dict], list[dict]]) -> None:
+    rows, decided = hard
+    result = score_decisions(rows, decided)
+    assert result["recall"] >= 0.95, result["missed_pairs"]
+    truth = {r["key"]: r["_truth"] for r in rows}
+    group = {d["key"]: d["group"] for d in decided}
+    found = set()
+    for r in rows:  # every transform is found on at least one clip of its copy
+        name = r["video_id"].split("_", 1)[1] if "_" in r["video_id"] else None
+        if name in HARD_TRANSFORMS and any(
+            group[k] == group[r["key"]] and k != r["key"] and true_duplicate(truth[k], truth[r["key"]]) for k in group
+        ):
+            found.add(name)
+    assert found == set(HARD_TRANSFORMS)
+    assert group["loop_0000"] == group["loop_0001"]  # content that really repeats is a duplicate
