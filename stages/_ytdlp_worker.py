@@ -23,7 +23,9 @@ What the child refuses (every byte must come through a connection the address gu
   first, then ``url`` results resolved one hop at a time), so a refused page of 200 videos
   costs the page itself.
 
-Protocol: one JSON object per line each way. Request: ``{"url", "video_id", "target_dir",
+Protocol: one JSON object per line each way. First ``{"config", "target_dir"}``, answered with
+``{"ready": true}`` once yt-dlp is imported and its extractor patterns are compiled (start-up is
+not charged to any input's deadline). Then per input a request: ``{"url", "video_id", "target_dir",
 "seconds_left", "generic"}``; answer: ``{"ok": true, "files": [...], "title": ...}`` or
 ``{"ok": false, "kind": ..., "message": ..., "retry_after": ...}``.
 """
@@ -314,15 +316,41 @@ def _on_alarm(signum: int, frame: Any) -> None:
     raise Deadline(f"{CAP_MARK}: still downloading at the deadline (download.max_download_seconds)")
 
 
+def warm_up() -> None:
+    """Compile every extractor's URL pattern now (about a second of CPU, once per child), so that
+    no input's deadline pays for it."""
+    from yt_dlp.extractor import gen_extractor_classes
+
+    for ie in gen_extractor_classes():
+        try:
+            ie.suitable("https://example.invalid/warm-up")
+        except Exception:  # noqa: BLE001 - an extractor's own check; irrelevant here
+            continue
+
+
 def serve(stdin: Any, stdout: Any) -> None:
-    """The child's loop: build the downloader from the first line (config), then one answer per request."""
+    """The child's loop: the first line is the config (answered with ``{"ready": ...}`` once yt-dlp
+    is loaded and warm), then one answer per request."""
     first = stdin.readline()
     if not first:
         return
     setup = json.loads(first)
-    cfg = DownloadConfig.model_validate(setup["config"])
-    signal.signal(signal.SIGALRM, _on_alarm)
     downloaders: dict[str, Downloader] = {}
+    try:
+        started = time.monotonic()
+        cfg = DownloadConfig.model_validate(setup["config"])
+        target = str(setup.get("target_dir") or "")
+        if target:
+            downloaders[target] = Downloader(cfg, Path(target))
+        warm_up()
+        ready: dict[str, Any] = {"ready": True, "seconds": round(time.monotonic() - started, 3)}
+    except Exception as exc:  # noqa: BLE001 - reported to the stage, which fails the input with it
+        ready = {"ready": False, "message": redact_text(f"{type(exc).__name__}: {exc}")[:2000]}
+    stdout.write(json.dumps(ready) + "\n")
+    stdout.flush()
+    if not ready["ready"]:
+        return
+    signal.signal(signal.SIGALRM, _on_alarm)
     for line in stdin:
         req = json.loads(line)
         answer: dict[str, Any]
@@ -354,8 +382,6 @@ def main() -> None:
     sys.stdout = sys.stderr
     level = os.environ.get("AVFORGE_WORKER_LOG", "WARNING")
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s download-worker %(levelname)s %(message)s")
-    started = time.monotonic()
-    log.debug("yt-dlp worker %d up in %.2fs", os.getpid(), time.monotonic() - started)
     serve(sys.stdin, proto)
 
 

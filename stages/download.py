@@ -79,7 +79,8 @@ def classify_download_error(message: str) -> StageError:
             return StageError(message, "server_error", transient=True)
         return StageError(message, "download_failed")
     low = message.lower()
-    if "file:// urls are disabled" in low or "unsupported url scheme" in low or "no supporting handlers" in low:
+    if any(m in low for m in ("file:// urls are disabled", "unsupported url scheme", "no supporting handlers",
+                              "no connection adapters", "unknown url type", "unsupported scheme")):
         return StageError(message, "unsupported_scheme")
     if "timed out" in low or "timeout" in low:
         return StageError(message, "timeout", transient=True)
@@ -141,13 +142,17 @@ def _error_from_answer(answer: dict[str, Any]) -> StageError:
 class _Worker:
     """The yt-dlp child process of one stage instance (see stages/_ytdlp_worker.py)."""
 
-    def __init__(self, config: DownloadConfig) -> None:
+    #: how long the child may take to import yt-dlp and compile its extractors (a busy machine)
+    STARTUP_SECONDS = 180.0
+
+    def __init__(self, config: DownloadConfig, target_dir: Path) -> None:
         data = config.model_dump(mode="json")
         if config.proxy is not None:
             data["proxy"] = config.proxy.get_secret_value()
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *[p for p in sys.path if p]])}
         env["AVFORGE_WORKER_LOG"] = logging.getLevelName(min(max(log.getEffectiveLevel(), logging.DEBUG), logging.WARNING))
+        started = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "stages._ytdlp_worker"],
             stdin=subprocess.PIPE,
@@ -156,27 +161,30 @@ class _Worker:
             cwd=root,
             start_new_session=True,  # its own process group: a kill takes ffmpeg & co. with it
         )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._send({"config": data})
+        self._buf = b""
+        self._send({"config": data, "target_dir": str(target_dir)})
+        ready = self._read(self.STARTUP_SECONDS)
+        if not ready or not ready.get("ready"):
+            self.kill()
+            why = (ready or {}).get("message") or f"no answer within {self.STARTUP_SECONDS:.0f}s"
+            raise StageError(f"the download worker did not start: {why}", "download_failed")
+        log.debug("download worker %d ready in %.2fs", self.proc.pid, time.monotonic() - started)
 
     def _send(self, obj: dict[str, Any]) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise StageError(f"the download worker died (exit status {self.proc.wait()})", "download_failed") from None
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def request(self, req: dict[str, Any], wait: float | None) -> dict[str, Any] | None:
-        """Send one request; the answer, or None if none came within ``wait`` seconds (the
-        child is then killed)."""
-        self._send(req)
+    def _read(self, wait: float | None) -> dict[str, Any] | None:
+        """The next answer line, or None (and the child killed) if none came within ``wait`` seconds."""
         out = self.proc.stdout
         assert out is not None
         end = None if wait is None else time.monotonic() + wait
-        buf = b""
         fd = out.fileno()
-        while True:
+        while b"\n" not in self._buf:
             timeout = None if end is None else max(0.0, end - time.monotonic())
             ready, _, _ = select.select([fd], [], [], timeout)
             if not ready:
@@ -185,9 +193,18 @@ class _Worker:
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise StageError(f"the download worker died (exit status {self.proc.wait()})", "download_failed")
-            buf += chunk
-            if buf.endswith(b"\n"):
-                return json.loads(buf)
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def request(self, req: dict[str, Any], wait: float | None) -> dict[str, Any] | None:
+        """Send one request; the answer, or None if none came within ``wait`` seconds (the
+        child is then killed)."""
+        self._send(req)
+        return self._read(wait)
 
     def kill(self) -> None:
         try:
@@ -385,6 +402,9 @@ class DownloadStage(Stage[DownloadConfig]):
                 log.info("download %s: reusing %s", video_id, cached)
                 return cached, title or None
         cfg = self.config
+        with self._lock:
+            if self._worker is None or not self._worker.alive():
+                self._worker = _Worker(cfg, target_dir)  # start-up is not charged to the deadline
         limit = cfg.max_download_seconds
         deadline = None if limit is None else time.monotonic() + limit  # per input, retries included
         delay = cfg.backoff_seconds
@@ -422,15 +442,15 @@ class DownloadStage(Stage[DownloadConfig]):
     def _fetch(self, url: str, video_id: str, target_dir: Path, deadline: float | None) -> tuple[Path, str | None]:
         # A direct link to a media file needs no site extractor: skip matching ~1800 of them
         # (about 1 s of regex compilation in each new worker process).
-        generic = Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES
+        generic = Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES | {".m3u8", ".mpd"}
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise StageError(f"{CAP_MARK}: no time left (max_download_seconds)", "timeout")
         req = {"url": url, "video_id": video_id, "target_dir": str(target_dir), "seconds_left": left, "generic": generic}
         try:
             with self._lock:
-                if self._worker is None or not self._worker.alive():
-                    self._worker = _Worker(self.config)
+                if self._worker is None or not self._worker.alive():  # killed at an earlier deadline
+                    self._worker = _Worker(self.config, target_dir)
                 answer = self._worker.request(req, None if left is None else left + KILL_GRACE_SECONDS)
                 if answer is None:
                     self._worker = None  # killed: the next input gets a fresh child

@@ -88,6 +88,10 @@ def test_transient_errors_are_retried(media_server: str, tmp_path: Path, caplog:
         ("ERROR: Unsupported URL: http://x/y", "not_a_video"),
         ("ERROR: Private video. Sign in if you've been granted access", "forbidden"),
         ("ERROR: something odd", "download_failed"),
+        ("No connection adapters were found for 'file:///etc/passwd'", "unsupported_scheme"),
+        ("<urlopen error unknown url type: gopher>", "unsupported_scheme"),
+        ("ERROR: Unable to download webpage: HTTP Error 302: Found", "unsupported_scheme"),
+        ("ERROR: Live DASH videos are not supported", "protocol_refused"),
     ],
 )
 def test_classify_messages(message: str, error_type: str) -> None:

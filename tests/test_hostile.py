@@ -298,6 +298,8 @@ def test_trickling_server_ends_at_the_deadline(hls_dir: Path, tmp_path: Path, pa
     deadline = 3.0
     with serve_directory(hls_dir, routes, host=ALLOWED) as base:
         stage = _stage(tmp_path, max_download_seconds=deadline, retries=2)
+        (warm,) = stage.process_batch([_row(f"{base}/e0.ts", "warm")])  # the child's start-up is not timed
+        assert not isinstance(warm, Exception), warm
         started = time.monotonic()
         res = _one(stage, base + path)
         took = time.monotonic() - started
@@ -369,3 +371,38 @@ def test_retry_after_beyond_the_deadline_fails_at_once(hls_dir: Path, tmp_path: 
         res = _one(_stage(tmp_path, retries=3, max_download_seconds=20), f"{base}/busy.mp4")
     assert _err(res).error_type == "rate_limited"
     assert time.monotonic() - started < 15
+
+
+# ----------------------------------------------------------------------------- the same on the Ray backend
+
+
+@pytest.mark.timeout(600)
+def test_hostile_servers_on_the_ray_backend(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]]) -> None:
+    """A trickling server, an HLS key on a refused address and a page of 50 videos, through
+    ``run_pipeline`` on Ray: typed errors, nothing fetched from the refused host, no hang."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_pipeline
+
+    bad, bad_log = refused
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        routes["/slow.mp4"] = Route(200, b"\0" * 1000, {"Content-Type": "video/mp4"}, trickle_seconds=1.0)
+        routes["/key.m3u8"] = _m3u8(_playlist([f"{base}/c{i}.ts" for i in range(3)], key=f"{bad}/k.key"))
+        page = "".join(f'<video src="/v{i}.mp4"></video>' for i in range(50))
+        routes["/list.html"] = Route(200, page.encode(), {"Content-Type": "text/html"})
+        lines = [{"url": f"{base}/slow.mp4", "id": "slow"}, {"url": f"{base}/key.m3u8", "id": "key"},
+                 {"url": f"{base}/list.html", "id": "list"}]
+        inputs = tmp_path / "in.jsonl"
+        inputs.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        cfg = load_config(None, ["download.max_download_seconds=3", "download.retries=1", "ray.num_cpus=4",
+                                 f"download.allowed_hosts=[{ALLOWED}]"])
+        run_pipeline(inputs, tmp_path / "out", cfg, backend="ray")
+    errors = {e["video_id"]: e for e in pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()}
+    assert {v: (e["error_stage"], e["error_type"]) for v, e in errors.items()} == {
+        "slow": ("download", "timeout"), "key": ("download", "blocked_address"), "list": ("download", "playlist_refused"),
+    }
+    assert bad_log == []
