@@ -32,6 +32,8 @@ def check_output_dir(output: Path | str, option: str = "--output") -> None:
     from pipeline.config import echo
 
     text = str(output)
+    if "\x00" in text:
+        raise ConfigError(f"{option} {echo(text)} holds a NUL character")
     if "://" in text:
         return
     path = Path(text).expanduser()
@@ -40,8 +42,8 @@ def check_output_dir(output: Path | str, option: str = "--output") -> None:
             if candidate.exists() and not candidate.is_dir():
                 what = "is an existing file" if candidate == path else f"lies under {echo(str(candidate))}, a file"
                 raise ConfigError(f"{option} {echo(text)} {what}; give a folder")
-        except OSError as exc:  # ENAMETOOLONG and friends
-            raise ConfigError(f"{option} {echo(text)}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ENAMETOOLONG and friends; ValueError: a NUL byte
+            raise ConfigError(f"{option} {echo(text)}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _run_config(args: argparse.Namespace, extra: list[str] | None = None) -> RunConfig:

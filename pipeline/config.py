@@ -13,16 +13,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
 
+MAX_CONFIG_NUMBER = 1e12  # no count, size or duration in a config is larger; bigger numbers are typos or attacks
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are refused, and so are non-finite numbers
-    (``.inf`` / ``.nan``; an open limit is ``null``)."""
+    (``.inf`` / ``.nan``; an open limit is ``null``) and numbers beyond ``MAX_CONFIG_NUMBER``."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_number(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_NUMBER:
+            raise ValueError(f"must be between -{MAX_CONFIG_NUMBER:.0e} and {MAX_CONFIG_NUMBER:.0e}")
+        return value
 
 
 class DownloadConfig(Section):
@@ -679,23 +689,26 @@ def _allowed_hint(loc: tuple[Any, ...]) -> str:
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
+    shown = clip(str(path))
     try:
-        if Path(path).stat().st_size > MAX_YAML_CHARS * 4:
-            raise ConfigError(f"config file {path} is larger than {MAX_YAML_CHARS * 4} bytes")
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # a bounded read: /dev/zero or a huge file cannot exhaust memory
+            data = f.read(MAX_YAML_CHARS * 4 + 1)
+        if len(data) > MAX_YAML_CHARS * 4:
+            raise ConfigError(f"config file {shown} is larger than {MAX_YAML_CHARS * 4} bytes")
+        text = data.decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {shown}") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory") from None
+        raise ConfigError(f"config file {shown} is a directory") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    loaded = load_yaml(text, f"config file {path}")
+        raise ConfigError(f"config file {shown} is not UTF-8 text") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ConfigError(f"cannot read config file {shown}: {clip(getattr(exc, 'strerror', None) or str(exc))}") from None
+    loaded = load_yaml(text, f"config file {shown}")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        raise ConfigError(f"config file {shown} must hold a mapping, got {type(loaded).__name__}")
     return loaded
 
 

@@ -318,3 +318,14 @@ def test_the_engine_imports_no_concrete_stage() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_more_hostile_values_are_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    line = _one_line_error(*_cli(capsys, tmp_path, "--set", "download.concurrency=" + "9" * 400))
+    assert "download.concurrency" in line and len(line) < 600
+    assert "must be between" in _one_line_error(*_cli(capsys, tmp_path, "--set", "split.clip_seconds=1e300"))
+    assert "larger than" in _one_line_error(*_cli(capsys, tmp_path, "--config", "/dev/zero"))
+    assert "cannot read config file" in _one_line_error(*_cli(capsys, tmp_path, "--config", "a\x00b"))
+    assert "NUL" in _one_line_error(*_cli(capsys, tmp_path, output=Path(str(tmp_path / "o") + "\x00x")))
+    line = _one_line_error(*_cli(capsys, tmp_path, "--config", str(tmp_path / ("c" * 300) / "x.yaml")))
+    assert "config file" in line and len(line) < 600
