@@ -3,7 +3,10 @@
 * ``address_guard``: while active, name resolution in this process refuses private, loopback,
   link-local, reserved and multicast addresses (unless allowed). Every connection yt-dlp opens
   (redirects included) resolves through ``socket.getaddrinfo``, so a redirect to 127.0.0.1 or to
-  a cloud metadata address is refused before any byte is sent there.
+  a cloud metadata address is refused before any byte is sent there. The guard covers this
+  process only: programs it starts resolve names on their own. The download stage therefore runs
+  yt-dlp in a child process that refuses its external downloaders (ffmpeg, aria2c, curl, ...)
+  and rtmpdump, and limits ffmpeg post-processing to local files (stages/_ytdlp_worker.py).
 * ``redact_url`` / ``redact_text``: credentials in URLs (``user:pass@``, signed-URL and token
   query parameters) never reach logs, errors, stats, shards or the report.
 """
