@@ -59,6 +59,10 @@ class DownloadConfig(Section):
         description="let yt-dlp hand streams to ffmpeg/rtmpdump/aria2c (live HLS/DASH, rtmp, SAMPLE-AES): "
         "those programs connect outside the address guard",
     )
+    max_page_mb: float = Field(50.0, gt=0, description="largest web page, playlist or manifest read whole")
+    worker_memory_mb: int | None = Field(
+        4096, ge=256, description="address-space limit of the yt-dlp child process (a backstop; null: none)"
+    )
     max_source_height: int | None = Field(4320, gt=0, description="refuse sources taller than this (pixels)")
     allow_local_paths: bool = Field(True, description="accept plain local paths (the LIST is the operator's)")
     local_path_roots: list[Path] | None = Field(None, description="if set, local paths must lie under these")

@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -231,10 +232,43 @@ class Downloader:
         self.target_dir = target_dir
         self.logger = YtdlpLogger()
         self.ydl = yt_dlp.YoutubeDL(ytdlp_options(cfg, target_dir, self.logger, self._hook))
+        self._cap_whole_reads(int(cfg.max_page_mb * 2**20))
         director = getattr(self.ydl, "_request_director", None)
         handlers = getattr(director, "handlers", None)
         if isinstance(handlers, dict):
             handlers.pop("CurlCFFI", None)  # libcurl resolves names outside the guard
+
+    def _cap_whole_reads(self, cap: int) -> None:
+        """Every response body read whole (web pages, HLS/DASH manifests, keys) stops at ``cap``
+        bytes: an endless or huge page must not fill memory. Media is read in blocks and capped
+        by max_filesize_mb instead."""
+        urlopen = self.ydl.urlopen
+        limit_mb = self.cfg.max_page_mb
+
+        def capped_urlopen(req: Any) -> Any:
+            resp = urlopen(req)
+            raw_read = resp.read
+
+            def read(amt: int | None = None) -> bytes:
+                if amt is not None and amt >= 0:
+                    return raw_read(amt)
+                chunks: list[bytes] = []
+                total = 0
+                while True:
+                    chunk = raw_read(min(1 << 20, cap + 1 - total))
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+                    total += len(chunk)
+                    if total > cap:
+                        resp.close()
+                        raise Refused(f"{CAP_MARK}: a page or manifest over download.max_page_mb={limit_mb:g}",
+                                      "too_large")
+
+            resp.read = read
+            return resp
+
+        self.ydl.urlopen = capped_urlopen
 
     def _hook(self, status: dict[str, Any]) -> None:
         """Abort endless or oversized streams (no Content-Length)."""
@@ -303,8 +337,10 @@ def _answer_error(exc: BaseException) -> dict[str, Any]:
         kind = next(c.kind for c in chain if isinstance(c, Refused))
     elif any(isinstance(c, (NoSupportingHandlers, UnsupportedRequest)) for c in chain):
         kind = "unsupported_scheme"
-    elif any(isinstance(c, CapExceeded) for c in chain):
+    elif any(isinstance(c, (CapExceeded, MemoryError)) for c in chain):
         kind = "too_large"
+        if any(isinstance(c, MemoryError) for c in chain):
+            message = f"the download worker ran out of its memory (download.worker_memory_mb): {message}"
     else:
         kind = "message"  # the stage classifies the message (HTTP status, ...)
     if kind == "message" and not isinstance(exc, yt_dlp.utils.YoutubeDLError):
@@ -339,6 +375,9 @@ def serve(stdin: Any, stdout: Any) -> None:
     try:
         started = time.monotonic()
         cfg = DownloadConfig.model_validate(setup["config"])
+        if cfg.worker_memory_mb is not None:  # a backstop: whatever a page or stream does, not the host's memory
+            limit = int(cfg.worker_memory_mb) * 2**20
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         target = str(setup.get("target_dir") or "")
         if target:
             downloaders[target] = Downloader(cfg, Path(target))

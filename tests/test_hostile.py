@@ -275,6 +275,19 @@ def test_a_page_of_200_videos_costs_the_page_only(hls_dir: Path, tmp_path: Path)
     assert len(log) <= 2, log  # the page (and at most one retry of it)
 
 
+@pytest.mark.parametrize("path", ["/endless.html", "/endless.m3u8"])
+def test_an_endless_page_or_manifest_is_cut_at_max_page_mb(hls_dir: Path, tmp_path: Path, path: str) -> None:
+    kind = "text/html" if path.endswith(".html") else "application/vnd.apple.mpegurl"
+    head = b"<html><body>" if path.endswith(".html") else b"#EXTM3U\n"
+    routes = {path: Route(200, head + b"#" * 65536, {"Content-Type": kind}, endless=True)}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        started = time.monotonic()
+        res = _one(_stage(tmp_path, max_page_mb=2, max_download_seconds=60), base + path)
+    err = _err(res)
+    assert err.error_type == "too_large" and "max_page_mb" in str(err), err
+    assert time.monotonic() - started < 40
+
+
 def test_a_page_with_one_video_is_accepted(hls_dir: Path, tmp_path: Path) -> None:
     page = b'<html><body><video src="/e0.ts"></video></body></html>'
     routes = {"/one.html": Route(200, page, {"Content-Type": "text/html"})}
