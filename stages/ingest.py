@@ -315,6 +315,9 @@ def record_to_row(record: dict[str, Any], index: int) -> Row:
 
     Pure and per record (no duplicate check: see :func:`mark_duplicates`); never raises."""
     rec = normalize_record(record)
+    for name in ("url", "id"):  # a binary column (parquet) holding text
+        if isinstance(rec.get(name), (bytes, bytearray)):
+            rec[name] = bytes(rec[name]).decode("utf-8", "surrogateescape")
     url_value = rec.get("url")
     url = "" if url_value is None else str(url_value).strip()
     given = rec.get("id")

@@ -182,3 +182,12 @@ def test_unsupported_schemes_are_typed(tmp_path: Path) -> None:
     rows = read_inputs(f)
     assert [r.get("error_type") for r in rows] == ["unsupported_scheme"] * 3 + [None]
     assert "'rtsp'" in rows[0]["error"]
+
+
+def test_binary_url_column_in_parquet(tmp_path: Path) -> None:
+    f = tmp_path / "b.parquet"
+    table = pa.table({"URL": pa.array([b"http://127.0.0.1:1/a.mp4", b"http://127.0.0.1:1/\xff.mp4"], pa.binary())})
+    pq.write_table(table, f)
+    ok, bad = read_inputs(f)
+    assert ok["source_url"] == "http://127.0.0.1:1/a.mp4" and not ok.get("error_type")
+    assert bad["error_type"] == "invalid_input" and "UTF-8" in bad["error"]
