@@ -68,3 +68,37 @@ def test_empty_list_finishes(tmp_path: Path) -> None:
     assert (summary.inputs, summary.kept, summary.errors) == (0, 0, 0)
     assert pq.read_table(tmp_path / "out" / "index.parquet").num_rows == 0
     assert (tmp_path / "out" / "stats.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_hostile_list_lines_through_the_cli(corpus_dir: Path, tmp_path: Path) -> None:
+    """A LIST with a BOM, CRLF, a non-UTF-8 line, a 300-character file name, a 5,000-character path,
+    a NUL byte and an rtsp:// URL: one error row each, the good line is processed, no traceback."""
+    import subprocess
+    import sys
+
+    good = str(corpus_dir / "sample_000.mp4").encode()
+    lines = [
+        b"\xef\xbb\xbf" + good,
+        b"/tmp/caf\xe9.mp4",
+        b"a" * 300 + b".mp4",
+        b"/" + b"/".join([b"d" * 99] * 50) + b"/x.mp4",
+        b"/tmp/nul\x00byte.mp4",
+        b"rtsp://127.0.0.1/cam",
+    ]
+    listing = tmp_path / "hostile.txt"
+    listing.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(listing), "--output", str(out), "--recipe", "media",
+         "--backend", "sequential", "--set", "split.min_clip_seconds=1"],
+        capture_output=True, text=True, timeout=540,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    by_type = sorted((e["error_stage"], e["error_type"]) for e in errors if e["error_stage"] == "ingest")
+    assert by_type == [("ingest", "invalid_input")] * 4 + [("ingest", "unsupported_scheme")], by_type
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert any(r["source_url"] == good.decode() for r in index + rejects)
