@@ -17,6 +17,8 @@ is longer than the file system allows, and so on. Only a LIST that cannot be rea
 The module is built from per-record functions so that a distributed reader can call them on
 slices of the LIST (see :func:`iter_records`, :func:`record_to_row`, :func:`mark_duplicates`):
 
+* ``records_from_bytes(data, suffix, name, first_lineno)``: records of a whole LIST or of a
+  slice cut at line ends (bytes; encoding, BOM and line ends handled);
 * ``decode_list_bytes(data) -> str``: the LIST's text; undecodable bytes survive as lone
   surrogates, so one bad line is found and reported by the per-line step, not the whole file;
 * ``parse_text_line(line, lineno)`` / ``parse_jsonl_line(line, lineno)`` -> a record dict or
@@ -250,12 +252,20 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
         data = path.read_bytes()
     except OSError as exc:
         raise InputListError(f"cannot read input list {path}: {exc.strerror or exc}") from None
+    yield from records_from_bytes(data, suffix, path)
+
+
+def records_from_bytes(data: bytes, suffix: str, name: str | Path = "LIST", first_lineno: int = 1) -> Iterator[dict[str, Any]]:
+    """Records of LIST text (``.txt``/``.jsonl``/``.csv``/``.tsv``, by ``suffix``) given as bytes:
+    a whole file, or a slice of one that a distributed reader cut at line ends (a CSV slice must
+    start with the header line; ``first_lineno`` numbers the slice's lines in error messages)."""
     text = decode_list_bytes(data)
+    suffix = suffix.lower()
     if suffix in (".csv", ".tsv"):
-        yield from _csv_records(text, path, "\t" if suffix == ".tsv" else ",")
+        yield from _csv_records(text, Path(name), "\t" if suffix == ".tsv" else ",")
         return
     parse = parse_jsonl_line if suffix in (".jsonl", ".ndjson") else parse_text_line
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), first_lineno):
         rec = parse(line, lineno)
         if rec is not None:
             yield rec
