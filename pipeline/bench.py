@@ -193,6 +193,11 @@ def run_quality_bench(workdir: Path, **options: Any) -> tuple[dict[str, Any], st
     """``avforge bench --quality``: the quality benchmark (dedup, filters, WER, captions, judge
     against planted truth), implemented in ``tests/bench/quality_bench.py``; returns the results
     and a printable summary. Needs a source checkout (the benchmark lives beside the tests)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]  # a source checkout (editable install) holds tests/ here
+    if (root / "tests" / "bench" / "quality_bench.py").exists() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         from tests.bench.quality_bench import format_summary, run_quality_bench as run
     except ImportError as exc:

@@ -192,6 +192,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import format_table, run_bench
     from pipeline.samples import parse_size
 
+    if args.quality:  # the quality benchmark (tests/bench/quality_bench.py): planted truth, full pipeline
+        from pipeline.bench import run_quality_bench
+
+        workdir = Path(args.workdir or "/tmp/avforge-quality")
+        _, summary = run_quality_bench(
+            workdir, count=args.count or 16, duplicates=args.duplicates, bad=args.bad, seed=args.seed,
+            backend=args.backend or "sequential", overrides=args.set, skip_wer=args.skip_wer,
+            evaluate_only=args.evaluate_only,
+        )  # fmt: skip
+        print(summary)
+        print(f"full results: {workdir / 'quality.json'}")
+        return 0
+    args.workdir = args.workdir or Path("/tmp/avforge-bench")
+    args.count = args.count or 8
+    args.backend = args.backend or "ray"
     try:
         size = parse_size(args.size)
     except ValueError as exc:
@@ -273,12 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.set_defaults(func=_cmd_recipes)
 
     bench = sub.add_parser("bench", help="benchmark the pipeline against an ffmpeg decode floor")
-    bench.add_argument("--workdir", type=Path, default=Path("/tmp/avforge-bench"))
-    bench.add_argument("--count", type=int, default=8, help="videos in the 1x corpus")
+    bench.add_argument("--workdir", type=Path, default=None, help="default /tmp/avforge-bench (--quality: /tmp/avforge-quality)")
+    bench.add_argument("--count", type=int, default=None, help="videos in the 1x corpus (8); --quality: originals (16)")
     bench.add_argument("--scales", type=int, nargs="+", default=[1, 4])
-    bench.add_argument("--backend", choices=["ray", "sequential"], default="ray")
+    bench.add_argument("--backend", choices=["ray", "sequential"], default=None, help="ray (--quality: sequential)")
     bench.add_argument("--size", default="1280x720", help="frame size of the generated corpus, WxH")
     bench.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the timed runs")
+    bench.add_argument("--quality", action="store_true",
+                       help="the quality benchmark instead: dedup P/R, filter false drops, WER, grounding, judge AUC "
+                       "on a generated corpus with planted truth (README 'Quality benchmark')")
+    bench.add_argument("--duplicates", type=int, default=10, help="--quality: planted duplicates")
+    bench.add_argument("--bad", type=int, default=7, help="--quality: planted bad videos")
+    bench.add_argument("--seed", type=int, default=0, help="--quality: corpus seed")
+    bench.add_argument("--skip-wer", action="store_true", help="--quality: no whole-track ASR pass")
+    bench.add_argument("--evaluate-only", action="store_true", help="--quality: evaluate WORKDIR/out as it is, no run")
     bench.set_defaults(func=_cmd_bench)
 
     inspect = sub.add_parser("inspect", help="summarise an output folder or a shard tar, with a few samples")

@@ -80,6 +80,25 @@ def _read(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist() if path.exists() else []
 
 
+def read_outputs(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """(index, rejects, errors, partial) of a run; an unfinished run (no index.parquet yet) is read
+    from the files its writers have written so far (shard sidecars, ``_parts/``)."""
+    if (out / "index.parquet").exists():
+        return _read(out / "index.parquet"), _read(out / "rejects.parquet"), _read(out / "errors.parquet"), False
+
+    def gather(paths: list[Path]) -> list[dict[str, Any]]:
+        rows: dict[Any, dict[str, Any]] = {}
+        for p in paths:
+            for r in _read(p):
+                rows[(r.get("video_id"), r.get("key"), r.get("error_stage"))] = r
+        return list(rows.values())
+
+    index = gather(sorted((out / "shards").glob("*.parquet")))
+    rejects = gather(sorted((out / "_parts").glob("rejects-*.parquet")))
+    errors = gather(sorted((out / "_parts").glob("errors-*.parquet")))
+    return index, rejects, errors, True
+
+
 def _meta_texts(row: dict[str, Any]) -> list[str]:
     raw = row.get("metadata_json")
     if not raw:
@@ -146,13 +165,11 @@ def run_pipeline_on(corpus: Path, truth: list[VideoTruth], seed: int, out: Path,
 def evaluate(out: Path, truth: list[VideoTruth], max_unsupported: float = 0.2) -> dict[str, Any]:
     """All figures from a finished run's outputs (no model calls; the whole-track WER is apart)."""
     videos = {t.id: t for t in truth}
-    index = _read(out / "index.parquet")
-    rejects = _read(out / "rejects.parquet")
-    errors = _read(out / "errors.parquet")
+    index, rejects, errors, partial = read_outputs(out)
     for r in index:
         r["_shipped"] = True
     clips = [r for r in index + rejects if r.get("key") and r.get("video_id") in videos]
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"partial_run": partial}
 
     # -- accounting: every input in the index, the rejects or the errors
     seen = {r["video_id"] for r in clips} | {e.get("video_id") for e in errors}
@@ -374,7 +391,8 @@ def evaluate_wer(out: Path, corpus: Path, truth: list[VideoTruth], config: Any) 
     from tests.bench.asr_bench import wer
 
     videos = {t.id: t for t in truth}
-    rows = [r for r in _read(out / "index.parquet") + _read(out / "rejects.parquet") if r.get("video_id") in videos]
+    index, rejects, _errors, _partial = read_outputs(out)
+    rows = [r for r in index + rejects if r.get("video_id") in videos]
     by_content: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_content[videos[r["video_id"]].content_id].append(r)
@@ -448,6 +466,7 @@ def run_quality_bench(
     overrides: list[str] | None = None,
     max_unsupported: float = 0.2,
     skip_wer: bool = False,
+    evaluate_only: bool = False,
 ) -> dict[str, Any]:
     """Generate (or reuse) the corpus, run the pipeline, evaluate; writes ``workdir/quality.json``."""
     workdir = Path(workdir).resolve()
@@ -460,8 +479,13 @@ def run_quality_bench(
         truth = build_corpus(corpus, seed=seed, originals=count, duplicates=duplicates, bad=bad)
     corpus_seconds = time.perf_counter() - started
     out = workdir / "out"
-    run = run_pipeline_on(corpus, truth, seed, out, list(overrides or []), backend)
-    config = run.pop("config")
+    if evaluate_only:  # figures from an earlier (possibly unfinished) run in workdir/out
+        config = pipeline_config(list(overrides or []))
+        run = {"wall_seconds": None, "kept": None, "rejected": None, "errors": None, "stages": list(config.stages),
+               "recipe": getattr(config, "recipe", None), "evaluate_only": True}
+    else:
+        run = run_pipeline_on(corpus, truth, seed, out, list(overrides or []), backend)
+        config = run.pop("config")
     results: dict[str, Any] = {
         "command": "avforge bench --quality " + " ".join(
             [f"--workdir {workdir}", f"--count {count}", f"--duplicates {duplicates}", f"--bad {bad}", f"--seed {seed}",
@@ -481,7 +505,8 @@ def run_quality_bench(
         results["wer"] = evaluate_wer(out, corpus, truth, config)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "quality.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str))
-    (workdir / "config.yaml").write_text(run["config_yaml"])
+    if "config_yaml" in run:
+        (workdir / "config.yaml").write_text(run["config_yaml"])
     return results
 
 
@@ -493,7 +518,7 @@ def format_summary(res: dict[str, Any]) -> str:
         f"quality bench: {res['corpus']['originals']} originals, {res['corpus']['duplicates']} planted duplicates, "
         f"{res['corpus']['bad']} planted bad videos; pipeline {res['run']['wall_seconds']} s "
         f"(kept {res['run']['kept']}, rejected {res['run']['rejected']}, errors {res['run']['errors']}); LLM {res['llm']['fuse']}",
-        f"accounting: {acc['clips']} clips, missing videos: {len(acc['videos_missing'])}, error rows: {acc['error_rows']}",
+        f"accounting{' (UNFINISHED RUN: partial outputs)' if res.get('partial_run') else ''}: {acc['clips']} clips, missing videos: {len(acc['videos_missing'])}, error rows: {acc['error_rows']}",
         f"dedup:   precision {d['precision']}  recall {d['recall']}  ({d['correct_pairs']} correct of {d['predicted_pairs']} "
         f"predicted pairs, {d['true_pairs']} true; {len(d['wrong_pairs'])} wrong, {len(d['missed_pairs'])} missed)",
         f"         recall per transform: {d['recall_per_transform']}",
@@ -521,6 +546,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override of the pipeline run")
     ap.add_argument("--max-unsupported", type=float, default=0.2, help="bench grounding check: share of unsupported words")
     ap.add_argument("--skip-wer", action="store_true", help="skip the whole-track ASR pass")
+    ap.add_argument("--evaluate-only", action="store_true", help="no run: evaluate WORKDIR/out as it is (even unfinished)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -530,7 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res = run_quality_bench(
         args.workdir, args.count, args.duplicates, args.bad, args.seed, args.backend, args.set, args.max_unsupported,
-        args.skip_wer,
+        args.skip_wer, args.evaluate_only,
     )  # fmt: skip
     sys.stdout.write(format_summary(res) + f"\nfull results: {args.workdir / 'quality.json'}\n")
     return res
