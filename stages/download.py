@@ -222,6 +222,14 @@ class _Worker:
             except (OSError, subprocess.TimeoutExpired):
                 self.kill()
 
+    def __del__(self) -> None:
+        """A stage dropped without teardown: end of input makes the idle child exit."""
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
 
 class DownloadStage(Stage[DownloadConfig]):
     """Fetch URLs with yt-dlp into ``STAGING/videos``; local files are checked and used in place."""
