@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from typing import Annotated, Any, Literal
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -23,9 +24,18 @@ JudgeFlag = Literal["contradicts_signals", "no_information", "unsafe"]
 class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    # Caption answers are read tolerantly (small models add keys, leave out optional ones, or run
+    # out of tokens after the captions): unknown keys are dropped, missing keys take these values,
+    # and the flat fields of a cut-off object are salvaged. The JSON schema stays strict.
+    tolerant: ClassVar[bool] = False
+    missing_defaults: ClassVar[dict[str, Any]] = {}
+
 
 class MMTrailAnswer(Answer):
     """MMTrail style: one audio-visual caption plus one caption per modality ("" when absent)."""
+
+    tolerant: ClassVar[bool] = True
+    missing_defaults: ClassVar[dict[str, Any]] = {"visual_caption": "", "audio_caption": "", "music_caption": "", "speech_caption": ""}
 
     audio_visual_caption: str = Field(min_length=1, max_length=600)
     visual_caption: str = Field(max_length=400)
@@ -36,6 +46,8 @@ class MMTrailAnswer(Answer):
 
 class WavCapsAnswer(Answer):
     """WavCaps style: a short audio caption from noisy text, or a rejection."""
+
+    tolerant: ClassVar[bool] = True
 
     about_sound: bool
     caption: str = Field(max_length=300)
@@ -62,11 +74,15 @@ class TimedCaption(Answer):
 class HowToCaptionAnswer(Answer):
     """HowToCaption style: timestamped captions derived from a timestamped transcript."""
 
+    tolerant: ClassVar[bool] = True
+
     captions: list[TimedCaption] = Field(min_length=1, max_length=32)
 
 
 class FAVDAnswer(Answer):
     """FAVD style paragraph: one summary sentence, then visual details, then audio details."""
+
+    tolerant: ClassVar[bool] = True
 
     summary: str = Field(min_length=1, max_length=300)
     visual_details: str = Field(min_length=1, max_length=600)
@@ -163,22 +179,65 @@ def _extract_json(text: str) -> str:
     return stripped
 
 
+_STRING_FIELD = r'"{key}"\s*:\s*"((?:[^"\\]|\\.)*)"'
+_BOOL_FIELD = r'"{key}"\s*:\s*(true|false)\b'
+
+
+def salvage_fields(model: type[Answer], text: str) -> dict[str, Any]:
+    """The complete top-level string and boolean fields of ``model`` found in a broken JSON text
+    (each field's first complete occurrence; a string cut off before its closing quote is not taken)."""
+    out: dict[str, Any] = {}
+    for key, info in model.model_fields.items():
+        kind = info.annotation
+        if kind is str:
+            match = re.search(_STRING_FIELD.format(key=re.escape(key)), text)
+            if match:
+                try:
+                    out[key] = json.loads(f'"{match.group(1)}"')
+                except json.JSONDecodeError:
+                    continue
+        elif kind is bool:
+            match = re.search(_BOOL_FIELD.format(key=re.escape(key)), text)
+            if match:
+                out[key] = match.group(1) == "true"
+    return out
+
+
+def _tolerant_data(model: type[Answer], data: dict[str, Any]) -> dict[str, Any]:
+    known = {k: v for k, v in data.items() if k in model.model_fields}
+    return {**model.missing_defaults, **known}
+
+
 def parse_answer(name: str, text: str | None, *, truncated: bool = False) -> Answer:
-    """Validate a raw model answer against shape ``name``. Raises ``AnswerError`` with a reason."""
+    """Validate a raw model answer against shape ``name``. Raises ``AnswerError`` with a reason.
+
+    Shapes marked ``tolerant`` (the caption answers) drop unknown keys, fill missing optional keys
+    from ``missing_defaults``, and, when the JSON is broken, are rebuilt from the complete fields
+    found in the text (:func:`salvage_fields`) if those make a valid answer."""
     if text is None or not text.strip():
         raise AnswerError("empty", "the model returned no text")
+    model = answer_model(name)
     candidate = _extract_json(text)
     try:
         data = json.loads(candidate)
     except json.JSONDecodeError as exc:
+        if model.tolerant:
+            salvaged = salvage_fields(model, candidate)
+            if salvaged:
+                try:
+                    return model.model_validate(_tolerant_data(model, salvaged))
+                except ValidationError:
+                    pass
         cut_short = truncated or exc.pos >= len(candidate.rstrip()) - 1 or candidate.count("{") > candidate.count("}")
         if cut_short and candidate.lstrip().startswith("{"):
             raise AnswerError("truncated", f"JSON ends early ({exc.msg} at char {exc.pos})") from None
         raise AnswerError("not_json", f"{exc.msg} at char {exc.pos}") from None
     if not isinstance(data, dict):
         raise AnswerError("wrong_fields", f"expected a JSON object, got {type(data).__name__}")
+    if model.tolerant:
+        data = _tolerant_data(model, data)
     try:
-        return answer_model(name).model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(object)'}: {e['msg']}" for e in exc.errors()[:6]

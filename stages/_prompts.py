@@ -7,8 +7,10 @@ answer, and the ``system`` / ``user`` / ``repair`` templates, plus an optional `
 template (sent once when the answer states things no signal supports; a built-in text is used when
 a preset has none). Templates use ``string.Template`` placeholders: ``$signals``, ``$missing``,
 ``$schema``, ``$example`` (and ``$error`` in ``repair``, ``$unsupported`` in ``grounding_retry``).
-The built-in presets leave ``$example`` out of their prompts: small models copy it verbatim; it
-still documents (and tests) the answer shape.
+The built-in caption presets leave ``$example`` and ``$schema`` out of their prompts and name the
+answer's keys in words: small models copy an example or a JSON schema verbatim instead of answering
+(SmolLM2-135M echoed ``{"maxLength":600,"type":"string"}``). The schema still reaches backends that
+enforce it (``json_schema`` of the request); the example still documents (and tests) the shape.
 
 Untrusted text (titles, descriptions, keywords, other metadata fields, transcripts, other models'
 captions) is data, not instructions: it is normalised (Unicode NFKC, zero-width, bidi and control
@@ -66,7 +68,7 @@ DEFAULT_GROUNDING_RETRY = (
     "Your answer states things that no signal of the clip supports: $unsupported.\n"
     "Answer again using only what the signals say: no names, places, numbers, objects or sounds that "
     'are not in the signals, and "" for any optional field that no signal supports.\n'
-    "Answer with only one JSON object matching this schema: $schema"
+    "Answer with only one JSON object with the same keys as before."
 )
 # metadata keys shown as their own signals (not repeated in ``metadata``)
 _OWN_SIGNAL_KEYS = frozenset({"title", "description", "tags", "keywords", "categories"})

@@ -367,7 +367,8 @@ def ground_answer(answer: Answer, ev: ClipEvidence, cfg: CaptionGroundingConfig)
     total = EMPTY
     for g in fields.values():
         total = total + g
-    failing = [f for f, g in fields.items() if not g.grounded(cfg.min_share, cfg.max_unsupported_names)]
+    # a text without a single content word ("...", "-") says nothing: it fails like an invented one
+    failing = [f for f, g in fields.items() if not g.content or not g.grounded(cfg.min_share, cfg.max_unsupported_names)]
     return AnswerGrounding(total, failing)
 
 
@@ -378,7 +379,7 @@ def repair_answer(answer: Answer, ev: ClipEvidence, cfg: CaptionGroundingConfig)
 
     def fix(text: str) -> str:
         g = check(text, ev.support)
-        if not text or g.grounded(cfg.min_share, cfg.max_unsupported_names):
+        if not text or (g.content and g.grounded(cfg.min_share, cfg.max_unsupported_names)):
             return text
         return repair(text, ev.support, cfg.min_share)
 

@@ -674,3 +674,32 @@ def test_wavcaps_and_howtocaption_answers_are_grounded_too(monkeypatch: pytest.M
     (row,) = apply_stage(stage, [dict(ROW)])
     assert extra_of(row)["grounding"]["outcome"] == "fallback" and len(backend.calls) == 2
     assert "Boeing" not in row["caption"]
+
+
+def test_grounding_bench_on_a_scripted_server() -> None:
+    """The bench script's rows cover every scenario and its figures read the stage's provenance: a model
+    that invents everything ships only grounded captions, follows no injection, writes no music caption."""
+    from tests.bench import grounding_bench
+
+    server = ScriptedServer(lambda body: json.dumps(INVENTED))
+    try:
+        report = grounding_bench.main(["--clips", "7", "--set", "fuse.llm.backend=openai", "--set", "fuse.llm.model=scripted",
+                                       "--set", f"fuse.llm.base_url={server.base}", "--set", "fuse.llm.retries=0"])  # fmt: skip
+    finally:
+        server.close()
+    assert report["clips"] == 7 and report["shipped_captions"] == 7
+    assert set(report["by_scenario"]) == set(grounding_bench.SCENARIOS)
+    assert report["grounded_share"] == 1.0 and report["first_answer_grounded_share"] == 0.0
+    assert report["music_caption_without_music_tag"] == 0 and report["speech_caption_without_transcript"] == 0
+    assert report["injection_followed"] == 0
+    assert report["outcomes"].get("llm") is None and report["outcomes"]["fallback"] >= 0.5
+    assert report["transcript_words_carried"] is not None and report["transcript_words_carried"] > 0.5  # fallback quotes it
+
+
+def test_placeholder_text_is_not_a_caption(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a small model that copies a template ("...") writes no content word: that is not a caption
+    dots = {**json.loads(GOOD_MMTRAIL), "audio_visual_caption": "...", "music_caption": "-"}
+    stage, backend = scripted_stage(monkeypatch, lambda r: GOOD_MMTRAIL if is_grounding_retry(r) else json.dumps(dots))
+    (row,) = apply_stage(stage, [dict(ROW)])
+    assert extra_of(row)["grounding"]["outcome"] == "retried" and row["caption"] != "..."
+    assert "audio_visual_caption" in extra_of(row)["grounding"]["first"]["failing_fields"]
