@@ -1,4 +1,13 @@
-"""Quality filter on extract's cheap signals. It marks ``drop_reason``; it never deletes."""
+"""Quality filter on extract's cheap signals. It marks ``drop_reason``; it never deletes.
+
+``black_ratio`` and ``frozen_ratio`` are measured by ``stages._picture`` on extract's analysis
+frames: black as a share of dark pixels with no lit content (ffmpeg ``blackdetect`` style, so a
+starry sky or a night street is not black), frozen as no change since a reference frame beyond the
+clip's own noise (``freezedetect`` style, so a slow pan is not frozen and grain on a still picture
+is). Their false-drop and miss rates on a labelled corpus: ``python -m tests.bench.filter_bench``.
+``no_audio`` also covers a declared audio stream without a single packet (``stages._media.probe``),
+``no_video`` a file whose only picture is cover art.
+"""
 
 from __future__ import annotations
 

@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-6
 PAUSE_MARGIN = 0.25  # a moved cut stays this far inside its pause (s), or at its middle when it is shorter
-LONG_PAUSE = 0.15  # pauses at least this long (s) are preferred to the short gaps between words
+# A cut goes to the nearest pause of the first tier that has one in reach: pauses between sentences
+# or phrases (>= 0.3 s), then shorter breaks (>= 0.15 s), then any gap between two words.
+PAUSE_TIERS = (0.3, 0.15, 0.0)
 
 
 def clip_key(video_id: str, clip_index: int) -> str:
@@ -90,10 +92,10 @@ def snap_windows(
 ) -> list[tuple[float, float]]:
     """Move each inner cut of ``windows`` to the nearest pause within ``tolerance`` seconds.
 
-    ``pauses_near(lo, hi)`` gives the pauses (absolute seconds) found in [lo, hi]. Long pauses (at
-    least ``LONG_PAUSE`` s: between sentences or phrases) are preferred; a short one (between two
-    words) is taken only when no long pause is in reach. A cut with no pause in reach stays where
-    it is. Cuts move in time order and every clip stays between ``min_len`` and ``max_len``; the
+    ``pauses_near(lo, hi)`` gives the pauses (absolute seconds) found in [lo, hi]. Long pauses
+    (between sentences or phrases) are preferred to nearer short ones (``PAUSE_TIERS``): a gap
+    between two words is taken only when no longer pause is in reach. A cut with no pause in reach
+    stays where it is. Cuts move in time order and every clip stays between ``min_len`` and ``max_len``; the
     first start and the last end (the video's ends) never move. Contiguous windows share a cut;
     overlapping windows move their starts and ends alike.
     """
@@ -112,11 +114,11 @@ def snap_windows(
         new = cut
         if lo <= hi:
             spans = pauses_near(lo, hi)
-            point = nearest_pause_point(cut, [(a, b) for a, b in spans if b - a >= LONG_PAUSE], lo, hi)
-            if point is None:
-                point = nearest_pause_point(cut, spans, lo, hi)
-            if point is not None:
-                new = round(point, 3)
+            for shortest in PAUSE_TIERS:
+                point = nearest_pause_point(cut, [(a, b) for a, b in spans if b - a >= shortest], lo, hi)
+                if point is not None:
+                    new = round(point, 3)
+                    break
         moved[cut] = new
     return [(moved.get(s, s), moved.get(e, e)) for s, e in windows]
 
