@@ -273,12 +273,23 @@ def _metadata(row: Row) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _key(name: Any) -> str:
+    return " ".join(fold_text(str(name)).split()).casefold()
+
+
+def _meta_get(meta: dict[str, Any], name: str) -> Any:
+    """A metadata field by name, ignoring case and stray spaces ("Title", " description ")."""
+    if name in meta:
+        return meta[name]
+    return next((v for k, v in meta.items() if _key(k) == name), None)
+
+
 def _metadata_text(meta: dict[str, Any], limit: int) -> str | None:
     """The metadata fields without a signal of their own, one ``key: value`` a line."""
     lines = []
     for key in sorted(meta):
         value = meta[key]
-        if key in _OWN_SIGNAL_KEYS or value is None or value == "" or value == [] or value == {}:
+        if _key(key) in _OWN_SIGNAL_KEYS or value is None or value == "" or value == [] or value == {}:
             continue
         if isinstance(value, (dict, list)):
             value = json.dumps(value, ensure_ascii=False)
@@ -310,8 +321,9 @@ def signals_from_row(row: Row, max_chars: int = 1500, *, max_tags: int = 8) -> S
     """Collect a clip row's signals (any subset may be missing)."""
     meta = _metadata(row)
     # the LIST's own title wins over the downloaded one (for a direct file that is only its file stem)
-    title = meta.get("title") if isinstance(meta.get("title"), str) and meta["title"].strip() else row.get("title")
-    keywords = meta.get("tags") or meta.get("keywords") or meta.get("categories")
+    list_title = _meta_get(meta, "title")
+    title = list_title if isinstance(list_title, str) and list_title.strip() else row.get("title")
+    keywords = _meta_get(meta, "tags") or _meta_get(meta, "keywords") or _meta_get(meta, "categories")
     start, end = row.get("clip_start"), row.get("clip_end")
     duration = float(end) - float(start) if start is not None and end is not None else row.get("video_duration")
     segments = []
@@ -338,7 +350,7 @@ def signals_from_row(row: Row, max_chars: int = 1500, *, max_tags: int = 8) -> S
         timed = f"[0.0-{duration or 0.0:.1f}] {_clean(transcript, max_chars)}"
     values: dict[str, str | None] = {
         "title": _clean(title, 300),
-        "description": _clean(meta.get("description"), max_chars),
+        "description": _clean(_meta_get(meta, "description"), max_chars),
         "keywords": _clean(keywords, 300),
         "metadata": _metadata_text(meta, max_chars),
         "duration": f"{duration:.1f} seconds" if duration else None,

@@ -241,3 +241,10 @@ def test_caption_answers_are_read_tolerantly() -> None:
     # the schema shown to backends that enforce it stays strict
     assert answer_schema("mmtrail")["additionalProperties"] is False
     assert len(answer_schema("mmtrail")["required"]) == 5
+
+
+def test_metadata_names_are_matched_without_case() -> None:
+    meta = {"Title": "Harbour at dusk", "Description ": "Boats come in.", "Tags": ["boat"], "Channel": "Sea"}
+    values = signals_from_row({"title": "IMG_0001", "metadata_json": json.dumps(meta)}).values
+    assert (values["title"], values["description"], values["keywords"]) == ("Harbour at dusk", "Boats come in.", "boat")
+    assert values["metadata"] == "Channel: Sea"
