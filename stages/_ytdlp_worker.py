@@ -24,8 +24,9 @@ What the child refuses (every byte must come through a connection the address gu
   costs the page itself.
 
 Protocol: one JSON object per line each way. First ``{"config", "target_dir"}``, answered with
-``{"ready": true}`` once yt-dlp is imported and its extractor patterns are compiled (start-up is
-not charged to any input's deadline). Then per input a request: ``{"url", "video_id", "target_dir",
+``{"ready": true}`` once yt-dlp is imported; ``{"warm": true}`` (sent once, before the first URL
+that is not a direct media link) compiles the ~1,800 extractor patterns. Neither is charged to
+any input's deadline. Then per input a request: ``{"url", "video_id", "target_dir",
 "seconds_left", "generic"}``; answer: ``{"ok": true, "files": [...], "title": ...}`` or
 ``{"ok": false, "kind": ..., "message": ..., "retry_after": ...}``.
 """
@@ -353,8 +354,8 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 
 def warm_up() -> None:
-    """Compile every extractor's URL pattern now (about a second of CPU, once per child), so that
-    no input's deadline pays for it."""
+    """Compile every extractor's URL pattern now (about a second of CPU, once per child, only if a
+    URL needs the site extractors), so that no input's deadline pays for it."""
     from yt_dlp.extractor import gen_extractor_classes
 
     for ie in gen_extractor_classes():
@@ -381,7 +382,6 @@ def serve(stdin: Any, stdout: Any) -> None:
         target = str(setup.get("target_dir") or "")
         if target:
             downloaders[target] = Downloader(cfg, Path(target))
-        warm_up()
         ready: dict[str, Any] = {"ready": True, "seconds": round(time.monotonic() - started, 3)}
     except Exception as exc:  # noqa: BLE001 - reported to the stage, which fails the input with it
         ready = {"ready": False, "message": redact_text(f"{type(exc).__name__}: {exc}")[:2000]}
@@ -390,9 +390,17 @@ def serve(stdin: Any, stdout: Any) -> None:
     if not ready["ready"]:
         return
     signal.signal(signal.SIGALRM, _on_alarm)
+    warmed = False
     for line in stdin:
         req = json.loads(line)
         answer: dict[str, Any]
+        if req.get("warm"):  # before a site URL's deadline starts: compile the extractor patterns once
+            if not warmed:
+                warm_up()
+                warmed = True
+            stdout.write(json.dumps({"ok": True, "warmed": True}) + "\n")
+            stdout.flush()
+            continue
         seconds_left = req.get("seconds_left")
         try:
             if seconds_left is not None:

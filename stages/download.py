@@ -162,6 +162,7 @@ class _Worker:
             start_new_session=True,  # its own process group: a kill takes ffmpeg & co. with it
         )
         self._buf = b""
+        self.warmed = False
         self._send({"config": data, "target_dir": str(target_dir)})
         ready = self._read(self.STARTUP_SECONDS)
         if not ready or not ready.get("ready"):
@@ -199,6 +200,14 @@ class _Worker:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def warm(self) -> None:
+        """Have the child compile yt-dlp's extractor patterns (once; before a deadline starts)."""
+        if self.warmed:
+            return
+        if self.request({"warm": True}, self.STARTUP_SECONDS) is None:
+            raise StageError("the download worker did not finish loading yt-dlp's extractors", "download_failed")
+        self.warmed = True
 
     def request(self, req: dict[str, Any], wait: float | None) -> dict[str, Any] | None:
         """Send one request; the answer, or None if none came within ``wait`` seconds (the
@@ -410,9 +419,11 @@ class DownloadStage(Stage[DownloadConfig]):
                 log.info("download %s: reusing %s", video_id, cached)
                 return cached, title or None
         cfg = self.config
-        with self._lock:
+        with self._lock:  # start-up and warm-up are not charged to the deadline
             if self._worker is None or not self._worker.alive():
-                self._worker = _Worker(cfg, target_dir)  # start-up is not charged to the deadline
+                self._worker = _Worker(cfg, target_dir)
+            if not self._generic(url):
+                self._worker.warm()
         limit = cfg.max_download_seconds
         deadline = None if limit is None else time.monotonic() + limit  # per input, retries included
         delay = cfg.backoff_seconds
@@ -442,15 +453,19 @@ class DownloadStage(Stage[DownloadConfig]):
         raise AssertionError("unreachable")
 
     @staticmethod
+    def _generic(url: str) -> bool:
+        """A direct link to a media file or manifest needs no site extractor: skip matching ~1,800
+        of them (about 1 s of regex compilation in each new worker process)."""
+        return Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES | {".m3u8", ".mpd"}
+
+    @staticmethod
     def _sleep(seconds: float, deadline: float | None, what: str) -> None:
         if deadline is not None and time.monotonic() + seconds >= deadline:
             raise StageError(f"{CAP_MARK}: {what} would pass max_download_seconds", "timeout")
         time.sleep(seconds)
 
     def _fetch(self, url: str, video_id: str, target_dir: Path, deadline: float | None) -> tuple[Path, str | None]:
-        # A direct link to a media file needs no site extractor: skip matching ~1800 of them
-        # (about 1 s of regex compilation in each new worker process).
-        generic = Path(urlparse(url).path).suffix.lower() in MEDIA_SUFFIXES | {".m3u8", ".mpd"}
+        generic = self._generic(url)
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             raise StageError(f"{CAP_MARK}: no time left (max_download_seconds)", "timeout")

@@ -311,7 +311,8 @@ def test_trickling_server_ends_at_the_deadline(hls_dir: Path, tmp_path: Path, pa
     deadline = 3.0
     with serve_directory(hls_dir, routes, host=ALLOWED) as base:
         stage = _stage(tmp_path, max_download_seconds=deadline, retries=2)
-        (warm,) = stage.process_batch([_row(f"{base}/e0.ts", "warm")])  # the child's start-up is not timed
+        routes["/warm.html"] = Route(200, b'<html><video src="/e0.ts"></video></html>', {"Content-Type": "text/html"})
+        (warm,) = stage.process_batch([_row(f"{base}/warm.html", "warm")])  # the child's start-up is not timed
         assert not isinstance(warm, Exception), warm
         started = time.monotonic()
         res = _one(stage, base + path)
@@ -411,7 +412,7 @@ def test_hostile_servers_on_the_ray_backend(hls_dir: Path, tmp_path: Path, refus
                  {"url": f"{base}/list.html", "id": "list"}]
         inputs = tmp_path / "in.jsonl"
         inputs.write_text("".join(json.dumps(r) + "\n" for r in lines))
-        cfg = load_config(None, ["download.max_download_seconds=3", "download.retries=1", "ray.num_cpus=4",
+        cfg = load_config(None, ["download.max_download_seconds=8", "download.retries=1", "ray.num_cpus=4",
                                  f"download.allowed_hosts=[{ALLOWED}]"])
         run_pipeline(inputs, tmp_path / "out", cfg, backend="ray")
     errors = {e["video_id"]: e for e in pq.read_table(tmp_path / "out" / "errors.parquet").to_pylist()}
