@@ -208,6 +208,18 @@ def test_hls_init_segment_on_a_refused_address(hls_dir: Path, tmp_path: Path, re
     assert bad_log == []
 
 
+@pytest.mark.parametrize("key", ["file:///etc/passwd", "skd://fairplay-key"])
+def test_hls_keys_that_are_not_fetched(hls_dir: Path, tmp_path: Path, key: str) -> None:
+    """A key on the local disk (file://) or a DRM key URI: never read, a documented type."""
+    routes: dict[str, Route] = {}
+    with serve_directory(hls_dir, routes, host=ALLOWED) as base:
+        routes["/k.m3u8"] = _m3u8(_playlist([f"{base}/c{i}.ts" for i in range(3)], key=key))
+        res = _one(_stage(tmp_path), f"{base}/k.m3u8")
+    err = _err(res)
+    assert err.error_type in ("unsupported_scheme", "protocol_refused"), err
+    assert "root:" not in str(err)
+
+
 def test_a_downloaded_manifest_is_not_media(hls_dir: Path, tmp_path: Path, refused: tuple[str, list[str]]) -> None:
     """A "video.mp4" that is really an HLS playlist: ffmpeg/PyAV would follow its URLs."""
     bad, bad_log = refused
