@@ -34,6 +34,7 @@ import csv
 import errno
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from pipeline import storage
@@ -105,21 +106,28 @@ def _is_url(text: str) -> bool:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_list_bytes(data: bytes) -> str:
-    """Decode a LIST file: honour a UTF-8/16/32 byte-order mark, guess BOM-less UTF-16 from its
-    NUL bytes, else UTF-8. Undecodable bytes become lone surrogates (``surrogateescape``) that
-    :func:`_unusable` reports line by line; the BOM itself is dropped."""
+def _detect_encoding(head: bytes) -> tuple[str, int]:
+    """(encoding, length of its byte-order mark) from a LIST's first bytes: a UTF-8/16/32 BOM, or
+    BOM-less UTF-16 recognised by its NUL bytes (ASCII text in UTF-16 is half NULs), else UTF-8."""
     for bom, encoding in _BOMS:
-        if data.startswith(bom):
-            return data[len(bom) :].decode(encoding, "surrogateescape" if encoding == "utf-8" else "replace")
-    if len(data) >= 4 and b"\0" in data[:512]:
-        head = data[:512]
+        if head.startswith(bom):
+            return encoding, len(bom)
+    if len(head) >= 4 and b"\0" in head[:512]:
+        head = head[:512]
         even, odd = head[0::2], head[1::2]
         if odd.count(0) > len(odd) * 0.6 and even.count(0) < len(even) * 0.1:
-            return data.decode("utf-16-le", "replace")
+            return "utf-16-le", 0
         if even.count(0) > len(even) * 0.6 and odd.count(0) < len(odd) * 0.1:
-            return data.decode("utf-16-be", "replace")
-    return data.decode("utf-8", "surrogateescape")
+            return "utf-16-be", 0
+    return "utf-8", 0
+
+
+def decode_list_bytes(data: bytes) -> str:
+    """Decode a LIST file (see :func:`_detect_encoding`); the BOM itself is dropped. Undecodable
+    UTF-8 bytes become lone surrogates (``surrogateescape``) that :func:`_unusable` reports line
+    by line; wider encodings replace them."""
+    encoding, bom = _detect_encoding(data[:512])
+    return data[bom:].decode(encoding, "surrogateescape" if encoding == "utf-8" else "replace")
 
 
 def _printable(text: str, limit: int = _SHOWN_CHARS) -> str:
@@ -199,9 +207,11 @@ def _sniff_delimiter(header: str, default: str) -> str:
     return best if counts[best] else default
 
 
-def _csv_records(text: str, path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
-    first = text.split("\n", 1)[0]
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(first, delimiter))
+def _csv_records(stream: TextIO, path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
+    """Records of CSV text read from ``stream`` (opened with ``newline=""``)."""
+    first = stream.readline()
+    lines = itertools.chain([first], stream)
+    reader = csv.DictReader(lines, delimiter=_sniff_delimiter(first, delimiter))
     try:
         fieldnames = _normalize_header(reader.fieldnames)
     except csv.Error as exc:
@@ -233,42 +243,58 @@ def _csv_records(text: str, path: Path, delimiter: str) -> Iterator[dict[str, An
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a local LIST file, in order; raises InputListError only if it is unreadable as a whole."""
+    """Records of a local LIST file, in order, streamed (UTF-8 text and parquet are never held
+    whole; UTF-16/32 text is decoded whole); raises InputListError only if it is unreadable as a whole."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise InputListError(f"{path}: not a readable parquet file: {exc}") from None
-        table = table.rename_columns(_normalize_header(table.column_names) or [])
-        if "url" not in table.column_names:
-            raise InputListError(f"{path}: parquet needs a 'url' column, has {table.column_names}")
-        for batch in table.to_batches():
-            yield from batch.to_pylist()
+        yield from _parquet_records(path)
         return
     try:
-        data = path.read_bytes()
+        f = path.open("rb")
     except OSError as exc:
         raise InputListError(f"cannot read input list {path}: {exc.strerror or exc}") from None
-    yield from records_from_bytes(data, suffix, path)
+    with f:
+        encoding, bom = _detect_encoding(f.read(512))
+        f.seek(0)
+        if encoding != "utf-8":
+            yield from records_from_bytes(f.read(), suffix, path)  # UTF-16/32: decoded whole
+            return
+        f.seek(bom)
+        stream = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+        yield from _records_from_stream(stream, suffix, path, 1)
 
 
 def records_from_bytes(data: bytes, suffix: str, name: str | Path = "LIST", first_lineno: int = 1) -> Iterator[dict[str, Any]]:
     """Records of LIST text (``.txt``/``.jsonl``/``.csv``/``.tsv``, by ``suffix``) given as bytes:
     a whole file, or a slice of one that a distributed reader cut at line ends (a CSV slice must
     start with the header line; ``first_lineno`` numbers the slice's lines in error messages)."""
-    text = decode_list_bytes(data)
+    yield from _records_from_stream(io.StringIO(decode_list_bytes(data), newline=""), suffix, Path(name), first_lineno)
+
+
+def _records_from_stream(stream: TextIO, suffix: str, path: Path, first_lineno: int) -> Iterator[dict[str, Any]]:
     suffix = suffix.lower()
     if suffix in (".csv", ".tsv"):
-        yield from _csv_records(text, Path(name), "\t" if suffix == ".tsv" else ",")
+        yield from _csv_records(stream, path, "\t" if suffix == ".tsv" else ",")
         return
     parse = parse_jsonl_line if suffix in (".jsonl", ".ndjson") else parse_text_line
-    for lineno, line in enumerate(text.splitlines(), first_lineno):
-        rec = parse(line, lineno)
+    for lineno, line in enumerate(stream, first_lineno):  # LF, CRLF and CR (newline="")
+        rec = parse(line.rstrip("\r\n"), lineno)
         if rec is not None:
             yield rec
+
+
+def _parquet_records(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise InputListError(f"{path}: not a readable parquet file: {exc}") from None
+    names = pf.schema_arrow.names
+    if "url" not in (_normalize_header(names) or []):
+        raise InputListError(f"{path}: parquet needs a 'url' column, has {names}")
+    for batch in pf.iter_batches(batch_size=8192):
+        yield from batch.to_pylist()  # record_to_row normalises the column names
 
 
 # ----------------------------------------------------------------------------- validation

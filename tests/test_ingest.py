@@ -191,3 +191,17 @@ def test_binary_url_column_in_parquet(tmp_path: Path) -> None:
     ok, bad = read_inputs(f)
     assert ok["source_url"] == "http://127.0.0.1:1/a.mp4" and not ok.get("error_type")
     assert bad["error_type"] == "invalid_input" and "UTF-8" in bad["error"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_old_mac_line_ends(tmp_path: Path, suffix: str) -> None:
+    urls = ["http://127.0.0.1:1/a.mp4", "http://127.0.0.1:1/b.mp4"]
+    if suffix == ".txt":
+        body = "\r".join(urls) + "\r"
+    elif suffix == ".csv":
+        body = "url\r" + "\r".join(urls) + "\r"
+    else:
+        body = "\r".join(json.dumps({"url": u}) for u in urls) + "\r"
+    f = tmp_path / f"cr{suffix}"
+    f.write_bytes(body.encode())
+    assert [r["source_url"] for r in read_inputs(f)] == urls
