@@ -109,7 +109,7 @@ STOPWORDS = frozenset(
     """
     a an the and or but if then than so as of at by for from in into on onto to with without within over under
     about above below across after before during while when where which who whom whose what that this these those
-    how why now
+    how why now titled title called named entitled
     there here it its it's itself they them their he him his she her hers we our us you your i me my mine
     is are was were be been being am do does did doing done has have had having will would can could should
     may might must shall not no nor only also just very too more most less some any each every all both few many
