@@ -209,6 +209,23 @@ def evaluate(out: Path, truth: list[VideoTruth], max_unsupported: float = 0.2) -
 def evaluate_dedup(out: Path, clips: list[dict[str, Any]], videos: dict[str, VideoTruth], span: Any) -> dict[str, Any]:
     by_key = {r["key"]: r for r in clips}
     decisions = _read(out / "_staging" / "dedup" / "duplicates.parquet")
+    if decisions and any(d["key"] not in by_key for d in decisions):
+        # an unfinished run has not written every clip yet: place the others from dedup's own signal
+        # table (clips of a video are contiguous: a clip starts where the previous one ends)
+        sig = _read(out / "_staging" / "dedup" / "signals.parquet")
+        per_video: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in sig:
+            per_video[row["key"].rsplit("_", 1)[0]].append(row)
+        for vid, rows_ in per_video.items():
+            start = 0.0
+            for row in sorted(rows_, key=lambda r: r["clip_index"]):
+                before = by_key.get(f"{vid}_{int(row['clip_index']) - 1:04d}")
+                if before is not None and before.get("clip_end") is not None:  # a written neighbour fixes the start
+                    start = float(before["clip_end"])
+                end = start + float(row["duration"] or 0.0)
+                if row["key"] not in by_key and vid in videos:
+                    by_key[row["key"]] = {"key": row["key"], "video_id": vid, "clip_start": start, "clip_end": end}
+                start = end
     signals: dict[str, list[str]] = {}
     if decisions:
         source = "_staging/dedup/duplicates.parquet"
