@@ -22,6 +22,7 @@ from tests.bench.quality_metrics import (
     pairs_from_groups,
     precision_recall,
     supported,
+    time_cover,
     time_iou,
     true_duplicate_pairs,
 )
@@ -34,7 +35,9 @@ needs_media = pytest.mark.skipif(
 # --------------------------------------------------------------------------- metrics
 
 
-def test_time_iou() -> None:
+def test_time_overlap_measures() -> None:
+    assert time_cover((0, 20), (10, 20.01)) == pytest.approx(10 / 10.01)
+    assert time_cover((0, 10), (10, 20)) == 0.0
     assert time_iou((0, 10), (0, 10)) == 1.0
     assert time_iou((0, 10), (10, 20)) == 0.0  # neighbours share no time
     assert time_iou((0, 10), (1.5, 11.5)) == pytest.approx(8.5 / 11.5)
@@ -55,6 +58,9 @@ def test_true_pairs_consecutive_clips_are_not_duplicates_and_trimmed_copies_are(
     assert pairs == want
     assert frozenset(("o_0", "o_1")) not in pairs
     assert not any("x_0" in p for p in pairs)
+    # a 10 s clip inside a 20 s clip of the same content is covered; the two halves are not duplicates
+    halves = true_duplicate_pairs([ClipSpan("w", "o", 0, 20), ClipSpan("h0", "o", 0, 10), ClipSpan("h1", "o", 10, 20.01)])
+    assert halves == {frozenset(("w", "h0")), frozenset(("w", "h1"))}
 
 
 def test_pairs_groups_precision_recall() -> None:

@@ -14,9 +14,11 @@ reads ``index.parquet``, ``rejects.parquet``, ``errors.parquet`` and
 ``_staging/dedup/duplicates.parquet``, and reports (stdout and ``WORKDIR/quality.json``):
 
 * **dedup**: pairwise precision and recall over the clips that reached dedup; a pair is a true
-  duplicate when both clips show the same original over the same time span (time IoU >= 0.5 on the
-  original's timeline: a head-trimmed copy's clips shift by the trim); recall per transform; every
-  wrong and missed pair with the videos' roles, picture kinds and the clips' dedup signals;
+  duplicate when both clips show the same original over the same time span (on the original's
+  timeline the shared span covers at least half of the shorter clip: a head-trimmed copy's clips
+  shift by the trim, a 10 s clip inside a 20 s clip is covered); recall per transform; every
+  wrong and missed pair with the videos' roles, picture kinds and the clips' dedup signals; and the
+  drop precision (duplicate drops whose kept clip really covers the dropped clip's content);
 * **filters**: for every drop reason, its false-drop rate on good clips (originals and planted
   copies) and what it caught among the planted bad clips; catch rate per bad kind; the good clips
   that ``black`` / ``frozen`` dropped, with their picture kinds;
@@ -67,7 +69,7 @@ log = logging.getLogger("quality_bench")
 FULL_STAGES = "[download,split,extract,quality,visual_quality,fingerprint,dedup,asr,audio_tags,text_embed,fuse,judge]"
 #: drop reasons that filters set before dedup (such clips never reach it)
 GOOD_ROLES = ("original", "duplicate")
-MIN_IOU = 0.5
+MIN_COVER = 0.5  # true duplicates share at least half of the shorter clip's span
 
 
 def _r(x: float | None, n: int = 4) -> float | None:
@@ -240,7 +242,7 @@ def evaluate_dedup(out: Path, clips: list[dict[str, Any]], videos: dict[str, Vid
         links = [(r["key"], r["duplicate_of"]) for r in clips if r.get("duplicate_of")]
         group_of = groups_from_links(universe, links)
     spans = [span(by_key[k]) for k in universe]
-    truth_pairs = true_duplicate_pairs(spans, MIN_IOU)
+    truth_pairs = true_duplicate_pairs(spans, MIN_COVER)
     predicted = pairs_from_groups(group_of)
     precision, recall = precision_recall(predicted, truth_pairs)
 
@@ -264,6 +266,17 @@ def evaluate_dedup(out: Path, clips: list[dict[str, Any]], videos: dict[str, Vid
         per_transform[tr][1] += 1
         per_transform[tr][0] += pair in predicted
     group_sizes = Counter(Counter(group_of.values()).values())
+    # the data-loss view: a dropped clip is rightly dropped when the clip it is a duplicate of shows
+    # the same content over at least half of the dropped clip's span (a 10 s half of a 20 s clip is)
+    dup_of = {d["key"]: d.get("duplicate_of") for d in decisions} if decisions else {
+        r["key"]: r.get("duplicate_of") for r in clips if r["key"] in group_of}
+    drops = [(k, v) for k, v in dup_of.items() if v and k in by_key and v in by_key]
+    wrong_drops = []
+    for k, v in drops:
+        a, b = span(by_key[k]), span(by_key[v])
+        overlap = min(a.end, b.end) - max(a.start, b.start)
+        if a.content_id != b.content_id or overlap < 0.5 * (a.end - a.start):
+            wrong_drops.append({"dropped": describe(frozenset((k, v)))["a" if k < v else "b"], "kept": describe(frozenset((k, v)))["b" if k < v else "a"]})
     return {
         "source": source,
         "clips_in_dedup": len(universe),
@@ -273,6 +286,9 @@ def evaluate_dedup(out: Path, clips: list[dict[str, Any]], videos: dict[str, Vid
         "precision": _r(precision),
         "recall": _r(recall),
         "recall_per_transform": {k: f"{v[0]}/{v[1]}" for k, v in sorted(per_transform.items())},
+        "drops": len(drops),
+        "drop_precision": _r(rate(len(drops) - len(wrong_drops), len(drops))),
+        "wrong_drops": wrong_drops,
         "group_sizes": {str(k): v for k, v in sorted(group_sizes.items())},
         "wrong_pairs": [describe(p) for p in sorted(predicted - truth_pairs, key=sorted)],
         "missed_pairs": [describe(p) for p in sorted(truth_pairs - predicted, key=sorted)],
@@ -539,6 +555,8 @@ def format_summary(res: dict[str, Any]) -> str:
         f"dedup:   precision {d['precision']}  recall {d['recall']}  ({d['correct_pairs']} correct of {d['predicted_pairs']} "
         f"predicted pairs, {d['true_pairs']} true; {len(d['wrong_pairs'])} wrong, {len(d['missed_pairs'])} missed)",
         f"         recall per transform: {d['recall_per_transform']}",
+        f"         drop precision {d['drop_precision']} ({len(d['wrong_drops'])} of {d['drops']} duplicate drops lose content "
+        "no kept clip covers)",
         "filters: false-drop rate on good clips: "
         + ", ".join(f"{k} {v['false_drop_rate']}" for k, v in f["per_reason"].items() if k != "duplicate"),
         "         bad caught: " + ", ".join(f"{k} {v['not_shipped']}/{v['clips']}" for k, v in f["bad_catch"].items())

@@ -2,8 +2,9 @@
 
 * :func:`true_duplicate_pairs` / :func:`pairs_from_groups` / :func:`precision_recall`: pairwise dedup
   precision and recall. Two clips are true duplicates when they show the same original content
-  over the same time span of that original (time IoU at least ``min_iou`` after mapping each clip
-  onto its original's timeline); clips of one video at different times are *not* duplicates.
+  over the same time span of that original (after mapping each clip onto its original's timeline,
+  the shared span covers at least half of the shorter clip); clips of one video at different
+  times are *not* duplicates.
 * :func:`auc`: rank-based ROC AUC (Mann-Whitney U; ties count one half).
 * :func:`content_words` / :func:`supported`: the content words of a caption and which of them a
   clip's signals support (the benchmark's own grounding measure, independent of the pipeline's).
@@ -39,15 +40,27 @@ def time_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
     return inter / union
 
 
-def true_duplicate_pairs(clips: Sequence[ClipSpan], min_iou: float = 0.5) -> set[Pair]:
-    """Pairs of clips with the same content over (mostly) the same span of the original."""
+def time_cover(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Share of the shorter interval that the other one covers (1.0 when one holds the other)."""
+    inter = min(a[1], b[1]) - max(a[0], b[0])
+    shorter = min(a[1] - a[0], b[1] - b[0])
+    if inter <= 0 or shorter <= 0:
+        return 0.0
+    return inter / shorter
+
+
+def true_duplicate_pairs(clips: Sequence[ClipSpan], min_cover: float = 0.5) -> set[Pair]:
+    """Pairs of clips with the same content over (mostly) the same span of the original: the span
+    they share covers at least ``min_cover`` of the shorter clip (a head-trimmed copy's clip shifted
+    by 1.6 s is a duplicate; so is a 10 s clip inside a 20 s clip of the same content; neighbouring
+    clips of one video are not)."""
     by_content: dict[str, list[ClipSpan]] = {}
     for c in clips:
         by_content.setdefault(c.content_id, []).append(c)
     pairs: set[Pair] = set()
     for group in by_content.values():
         for a, b in itertools.combinations(group, 2):
-            if time_iou((a.start, a.end), (b.start, b.end)) >= min_iou:
+            if time_cover((a.start, a.end), (b.start, b.end)) >= min_cover:
                 pairs.add(frozenset((a.key, b.key)))
     return pairs
 
