@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python -m tests.bench.filter_bench                  # 4 s clips, report to stdout
-    python -m tests.bench.filter_bench --seconds 8 --json filters.json
+    python -m tests.bench.filter_bench                  # 8 s clips, report to stdout
+    python -m tests.bench.filter_bench --seconds 10 --json filters.json
 
 The corpus is generated with ffmpeg lavfi (320x240, 25 fps, H.264), every case labelled with what the
 filters should say:
@@ -131,7 +131,7 @@ def make_case(case: Case, out_dir: Path, seconds: float) -> Path:
     return out
 
 
-def make_corpus(out_dir: Path, seconds: float = 4.0, cases: tuple[Case, ...] = CASES) -> list[tuple[Case, Path]]:
+def make_corpus(out_dir: Path, seconds: float = 8.0, cases: tuple[Case, ...] = CASES) -> list[tuple[Case, Path]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     return [(c, make_case(c, out_dir, seconds)) for c in cases]
 
@@ -213,7 +213,7 @@ def evaluate(corpus: list[tuple[Case, Path]], staging: Path) -> list[dict[str, A
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=4.0, help="length of each generated clip")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each generated clip")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
