@@ -33,13 +33,35 @@ _BEARER_RE = re.compile(r"(?i)\b(bearer|token|api[_-]?key)([\s:=]+)([A-Za-z0-9._
 _lock = threading.Lock()
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address leads to: IPv4-mapped, 6to4, Teredo, NAT64."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if any(ip in net for net in _NAT64):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def is_blocked_ip(address: str) -> bool:
+    """True for every address that is not globally routable: private, loopback, link-local,
+    shared (CGNAT 100.64/10), documentation, benchmarking, reserved, unspecified, multicast, and
+    IPv6 addresses that embed such an IPv4 address (mapped, 6to4, Teredo, NAT64)."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return bool(
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified
-    )
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(ip)
+        if any(is_blocked_ip(str(v4)) for v4 in embedded):
+            return True
+        if ip.ipv4_mapped is not None:
+            return False  # the mapped IPv4 address is global
+    return bool(not ip.is_global or ip.is_multicast or ip.is_loopback or ip.is_link_local or ip.is_unspecified)
 
 
 def _allowed(host: str, address: str, allowed_hosts: list[str]) -> bool:

@@ -113,3 +113,21 @@ def test_cli_reports_config_errors_clearly(tmp_path: Path) -> None:
     assert wrong.returncode == 2 and "download.retries" in wrong.stderr
     dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True)
     assert dry.returncode == 0 and "config OK" in dry.stdout and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "blocked"),
+    [
+        ("127.0.0.1", True), ("10.1.2.3", True), ("172.16.0.1", True), ("192.168.1.1", True),
+        ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("0.1.2.3", True),
+        ("224.0.0.1", True), ("198.18.0.1", True), ("192.0.2.10", True), ("255.255.255.255", True),
+        ("::1", True), ("::", True), ("fe80::1%eth0", True), ("fd00::1", True), ("ff02::1", True),
+        ("::ffff:127.0.0.1", True), ("64:ff9b::7f00:1", True), ("2002:7f00:1::1", True), ("2002:a00:1::1", True),
+        ("8.8.8.8", False), ("93.184.216.34", False), ("2001:4860:4860::8888", False), ("::ffff:8.8.8.8", False),
+        ("64:ff9b::808:808", False),
+    ],
+)
+def test_blocked_addresses(address: str, blocked: bool) -> None:
+    from pipeline.security import is_blocked_ip
+
+    assert is_blocked_ip(address) is blocked
