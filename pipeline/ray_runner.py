@@ -176,7 +176,15 @@ def init_ray(config: RunConfig) -> None:
         log.info("connecting to Ray at %s", cfg.address)
         ray.init(address=cfg.address, log_to_driver=True)
         return
-    num_cpus = cfg.num_cpus or os.cpu_count() or 1
+    from pipeline.registry import actor_cpu_demand
+
+    # every actor pool must fit at its minimum size, with a CPU left for the task stages, or a pool
+    # never starts and the run waits forever: logical CPUs beyond the cores time-share them
+    needed = math.ceil(actor_cpu_demand(config)) + 1
+    num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, needed)
+    if num_cpus < needed:
+        log.warning("ray.num_cpus=%d is less than the %d the stages' actor pools need: the run may wait forever",
+                    num_cpus, needed)  # fmt: skip
     log.info("starting Ray in-process with %d CPUs", num_cpus)
     ray.init(
         address="local",  # a new in-process instance, even if another Ray runs on this machine

@@ -84,3 +84,15 @@ def unmet_reads(names: Sequence[str]) -> list[str]:
             )
         available.update(cls.writes)
     return problems
+
+
+def actor_cpu_demand(config: RunConfig) -> float:
+    """CPUs the actor pools of ``config``'s stages reserve at their minimum size (``cpus × pool_size``
+    of each stateful stage). An in-process Ray needs at least this many logical CPUs, plus room for
+    the task stages, or a pool never starts and the run waits forever (the whole default recipe has
+    five or six model pools; a laptop has fewer cores)."""
+    from pipeline.stage import StageContext
+
+    return sum(
+        s.resources.cpus * s.resources.pool_size for s in build_stages(config, StageContext()) if s.stateful
+    )

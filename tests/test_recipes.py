@@ -129,8 +129,7 @@ def _shard_samples(out: Path) -> dict[str, dict[str, bytes]]:
 )
 def test_each_recipe_runs_end_to_end(recipe: str, backend: str, recipe_inputs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    sets = ["extract.frames_per_clip=2", f"report.enabled={'true' if recipe == 'mmtrail' else 'false'}",
-            "ray.num_cpus=4"]  # fmt: skip
+    sets = ["extract.frames_per_clip=2", f"report.enabled={'true' if recipe == 'mmtrail' else 'false'}"]
     argv = ["run", "--recipe", recipe, "--input", str(recipe_inputs), "--output", str(out), "--backend", backend]
     assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 0
 
