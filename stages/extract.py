@@ -227,7 +227,7 @@ class ExtractStage(Stage[ExtractConfig]):
         if w.row.get("has_video"):
             if w.thumbs:
                 means = np.array([t.mean() for t in w.thumbs])
-                out["brightness"] = float(np.mean(means) / 255.0)
+                out["brightness"] = float(np.clip((np.mean(means) - 16.0) / 219.0, 0.0, 1.0))  # 0 black, 1 white
                 params = BlackParams(cfg.black_pixel_luma, cfg.black_picture_ratio, cfg.black_lit_share)
                 out["black_ratio"] = black_ratio(w.thumbs, params)
                 out["frozen_ratio"] = frozen_ratio(w.thumbs, w.key_steps)
