@@ -291,11 +291,11 @@ class DedupConfig(Section):
     semantic: bool = Field(True, description="visual_embedding / text_embedding when rows have them")
     frame_radius: int = Field(10, ge=0, le=32, description="max Hamming distance of two matching frame hashes")
     frame_match_ratio: float = Field(
-        0.6, gt=0, le=1, description="share of the informative frames in the overlap that must match at one offset"
+        0.8, gt=0, le=1, description="share of the informative frames in the overlap that must match at one offset"
     )
     audio_radius: int = Field(14, ge=0, le=32, description="max Hamming distance of two matching audio codes")
     audio_match_ratio: float = Field(
-        0.7, gt=0, le=1, description="share of the informative audio codes in the overlap that must match at one offset"
+        0.8, gt=0, le=1, description="share of the informative audio codes in the overlap that must match at one offset"
     )
     min_matched_codes: int = Field(
         3, ge=1, description="and at least this many distinct segments (still frames / ~256 ms of audio) must match"

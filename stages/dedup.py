@@ -218,14 +218,22 @@ def hamming_pairs(
     codes: np.ndarray, radius: int, queries: np.ndarray | None = None, method: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
     """All (query index, code index) with Hamming distance <= ``radius`` (queries default: codes)."""
+    qi, ci, _ = hamming_pairs_dist(codes, radius, queries, method)
+    return qi, ci
+
+
+def hamming_pairs_dist(
+    codes: np.ndarray, radius: int, queries: np.ndarray | None = None, method: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`hamming_pairs` with the distance of each pair."""
     codes = np.asarray(codes, dtype=np.uint64)
     q = codes if queries is None else np.asarray(queries, dtype=np.uint64)
     if len(codes) == 0 or len(q) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     index = binary_index(codes, radius, method)
-    lims, _dist, ids = index.range_search(_as_bytes(q), radius + 1)  # FAISS: distance < radius
+    lims, dist, ids = index.range_search(_as_bytes(q), radius + 1)  # FAISS: distance < radius
     qi = np.repeat(np.arange(len(q), dtype=np.int64), np.diff(lims).astype(np.int64))
-    return qi, ids.astype(np.int64)
+    return qi, ids.astype(np.int64), dist.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- cosine (float FAISS)
@@ -561,6 +569,7 @@ class Evidence:
     matched_a: int  # of them, matched by b at this offset
     matched_b: int
     segments: int  # distinct matched segments (the smaller side)
+    distance: float = 0.0  # median Hamming distance of the matched units (each unit's closest match)
 
     @property
     def ratio(self) -> float:
@@ -586,14 +595,14 @@ class AlignedMatches:
         self.tolerance = tolerance
         n_codes = len(cs.codes)
         empty = np.zeros(0, np.int64)
-        ua = ub = mir = empty
+        ua = ub = mir = dist = empty
         if n_codes:
             queries = cs.codes if not mirror_mask else np.concatenate([cs.codes, cs.codes ^ np.uint64(mirror_mask)])
-            qi, ci = hamming_pairs(cs.codes, radius, queries, method)
+            qi, ci, dist = hamming_pairs_dist(cs.codes, radius, queries, method)
             mir = (qi >= n_codes).astype(np.int64)
             ua, ub = cs.code_unit[qi % n_codes], cs.code_unit[ci]
             other = cs.unit_owner[ua] != cs.unit_owner[ub]
-            ua, ub, mir = ua[other], ub[other], mir[other]
+            ua, ub, mir, dist = ua[other], ub[other], mir[other], dist[other]
         # document frequency: other clips each unit matches
         uc = np.unique(np.stack([ua, cs.unit_owner[ub]], axis=1), axis=0) if len(ua) else np.zeros((0, 2), np.int64)
         df = np.bincount(uc[:, 0], minlength=cs.n_units) if len(uc) else np.zeros(cs.n_units, np.int64)
@@ -602,16 +611,19 @@ class AlignedMatches:
             log.info("dedup: %d of %d %s units are common (match > %d clips): ignored",
                      int(self.common.sum()), cs.n_units, cs.name, max_clips)  # fmt: skip
         keep = ~self.common[ua] & ~self.common[ub] if len(ua) else np.zeros(0, bool)
-        ua, ub, mir = ua[keep], ub[keep], mir[keep]
+        ua, ub, mir, dist = ua[keep], ub[keep], mir[keep], dist[keep]
         a, b = cs.unit_owner[ua], cs.unit_owner[ub]
         fwd = a < b  # the search is symmetric (mirror too: d(x^m, y) == d(x, y^m)): keep one direction
-        ua, ub, mir = ua[fwd], ub[fwd], mir[fwd]
-        if len(ua):
-            trip = np.unique(np.stack([ua, ub, mir], axis=1), axis=0)
-            ua, ub, mir = trip[:, 0], trip[:, 1], trip[:, 2]
+        ua, ub, mir, dist = ua[fwd], ub[fwd], mir[fwd], dist[fwd]
+        if len(ua):  # one match per (unit, unit, orientation): the closest of their codes
+            o = np.lexsort((dist, mir, ub, ua))
+            ua, ub, mir, dist = ua[o], ub[o], mir[o], dist[o]
+            first = np.ones(len(ua), bool)
+            first[1:] = (ua[1:] != ua[:-1]) | (ub[1:] != ub[:-1]) | (mir[1:] != mir[:-1])
+            ua, ub, mir, dist = ua[first], ub[first], mir[first], dist[first]
         a, b = cs.unit_owner[ua], cs.unit_owner[ub]
         order = np.lexsort((ub, ua, b, a))
-        self.ua, self.ub, self.mir = ua[order], ub[order], mir[order]
+        self.ua, self.ub, self.mir, self.dist = ua[order], ub[order], mir[order], dist[order]
         self.pa, self.pb = a[order], b[order]
         pair_keys = self.pa * np.int64(cs.n_clips) + self.pb
         self._keys, self._starts = np.unique(pair_keys, return_index=True)
@@ -665,12 +677,12 @@ class AlignedMatches:
         match there the evidence is taken at that offset (and is empty).
         """
         s = self._pair(a, b)
-        ua, ub, mir = self.ua[s], self.ub[s], self.mir[s]
+        ua, ub, mir, dist = self.ua[s], self.ub[s], self.mir[s], self.dist[s]
         off = self.cs.unit_time[ub] - self.cs.unit_time[ua]
         tol = self.tolerance
         if around is not None:
             sel = np.abs(off - around[0]) <= around[1] + tol
-            ua, ub, mir, off = ua[sel], ub[sel], mir[sel], off[sel]
+            ua, ub, mir, off, dist = ua[sel], ub[sel], mir[sel], off[sel], dist[sel]
         if len(off) == 0 and around is None:
             return Evidence(0.0, 0.0, 0, 0, 0, 0, 0)
         offset = around[0] if around is not None else 0.0
@@ -692,10 +704,13 @@ class AlignedMatches:
         overlap = max(0.0, hi_a - lo_a)
         units_a, _ = self.informative_units(a, lo_a - tol, hi_a + tol)
         units_b, _ = self.informative_units(b, lo_a + offset - tol, hi_a + offset + tol)
-        ua_n, ub_n = ua[near], ub[near]
+        ua_n, ub_n, d_n = ua[near], ub[near], dist[near]
         segments = min(len(np.unique(self.cs.unit_segment[ua_n])), len(np.unique(self.cs.unit_segment[ub_n])))
+        closest = np.full(self.cs.n_units, np.iinfo(np.int64).max)  # each matched unit of a: its closest match
+        np.minimum.at(closest, ua_n, d_n)
+        distance = float(np.median(closest[np.unique(ua_n)])) if len(ua_n) else 0.0
         return Evidence(
-            offset, overlap, units_a, units_b, len(np.unique(ua_n)), len(np.unique(ub_n)), segments
+            offset, overlap, units_a, units_b, len(np.unique(ua_n)), len(np.unique(ub_n)), segments, distance
         )
 
     def segments_in_overlap(self, a: int, b: int, ev: Evidence) -> tuple[int, int]:
@@ -798,7 +813,10 @@ def contradiction(
 
 
 def _describe(name: str, ev: Evidence) -> str:
-    return f"{name} {ev.ratio:.2f} of units ({ev.segments} segments) at {ev.offset:+.2f} s over {ev.overlap:.1f} s"
+    return (
+        f"{name} {ev.ratio:.2f} of units ({ev.segments} segments, median distance {ev.distance:g}) "
+        f"at {ev.offset:+.2f} s over {ev.overlap:.1f} s"
+    )
 
 
 def find_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
