@@ -437,8 +437,10 @@ def repair(text: str, support: Support, min_share: float) -> str:
     """``text`` without its unsupported sentences and clauses ("" when nothing supported is left).
 
     A sentence is kept whole when it is grounded; otherwise it is cut into clauses (at commas,
-    semicolons, dashes and before "and", "while", "with", "which" ...) and only the clauses without
-    unsupported content words are kept. A sentence left with no content word is dropped.
+    semicolons, dashes and before "and", "while", "with", "which" ...) and only its leading clauses
+    without unsupported content words are kept, up to the first clause with one: a later clause
+    may lean on a dropped one ("... of the audio, which holds music and speech" must not become
+    "of the audio and speech"). A sentence left with no content word is dropped.
     """
     kept_sentences: list[str] = []
     for match in _SENTENCES.finditer(text.strip()):
@@ -452,8 +454,11 @@ def repair(text: str, support: Support, min_share: float) -> str:
         tail = end.group(0) if end else ""
         body = sentence[: len(sentence) - len(tail)] if tail else sentence
         pieces = [p for p in _CLAUSE_SPLIT.split(body) if p and p.strip()]
-        # drop a dangling connective at the start of the kept text ("and", "while" ...)
-        kept = [p for p in pieces if not check(p, support).unsupported]
+        kept = []
+        for piece in pieces:
+            if check(piece, support).unsupported:
+                break
+            kept.append(piece)
         if not kept or not any(check(p, support).content for p in kept):
             continue
         first = re.sub(r"^(?:and|while|but|with|as|where|which|who|whereas|then)\s+", "", kept[0].strip(), flags=re.IGNORECASE)

@@ -20,7 +20,7 @@ from stages import fuse as fuse_module
 from stages import judge as judge_module
 from stages._llm import ChatRequest, ChatResult
 from stages.fuse import FuseStage, fallback_answer
-from stages._prompts import signals_from_row
+from stages._prompts import load_preset, signals_from_row
 
 Answerer = Callable[[ChatRequest], "str | ChatResult | None"]
 
@@ -313,7 +313,7 @@ def test_judge_scores_and_filters_below_the_threshold(monkeypatch: pytest.Monkey
     assert [r.get("drop_reason") for r in out] == [None, "low_judge_score"]
     assert [r["scores"] for r in out] == [[{"name": "judge", "value": 4.0}], [{"name": "judge", "value": 2.0}]]
     judge_caption = [c for c in out[0]["captions"] if c["kind"] == "judge"][0]
-    assert judge_caption["text"] == "4/5: scored 4" and judge_caption["prompt_id"] == "judge@1"
+    assert judge_caption["text"] == "4/5: scored 4" and judge_caption["prompt_id"] == load_preset("judge").prompt_id
     extra = json.loads(judge_caption["extra_json"])
     assert extra["inputs"]["caption"] == "A good caption." and extra["answer"]["score"] == 4
     assert len(backend.calls) == 1 and len(backend.calls[0]) == 2
