@@ -460,6 +460,69 @@ class TextEmbedConfig(ModelWorkerConfig):
     max_chars: int = Field(2000, ge=1, description="text is clipped to this many characters before embedding")
 
 
+class AudioCaptionConfig(PoolConfig):
+    """Audio-language captions (stages/audio_caption.py): each preset asks an audio-language model
+    (vLLM or an OpenAI-compatible endpoint taking ``input_audio`` parts) about the clip's sound;
+    with ``clap_model`` set, a caption CLAP rates below the plain audio labels is asked again with
+    feedback up to ``max_retries`` times, then replaced by the labels (AudioSetCaps style)."""
+
+    presets: dict[str, str] = Field(
+        default_factory=lambda: {"audio": "audio_events", "music": "audio_music", "speech_style": "audio_speech_style"},
+        min_length=1,
+        description="caption kind -> prompt preset (prompts/*.yaml or prompts_dir) answering 'audio_caption'",
+    )
+    prompts_dir: Path | None = Field(None, description="folder of extra preset YAML files (same name: replaces a built-in)")
+    gates: dict[str, list[str]] = Field(
+        default_factory=lambda: {"music": ["Music", "Singing", "Musical instrument"], "speech_style": ["Speech", "Singing"]},
+        description="kind -> audio tags of which one must be present for the kind to be asked (only when the "
+        "clip has audio_tags; a kind not listed is always asked)",
+    )
+    llm: LLMBackendConfig = Field(
+        default_factory=lambda: LLMBackendConfig(backend="openai"),
+        description="an audio-language model: openai (input_audio parts) or vllm",
+    )
+    audio_format: Literal["wav", "flac"] = Field("wav", description="encoding of the audio part sent (16 kHz mono)")
+    max_audio_seconds: float = Field(30.0, gt=0, description="audio beyond this (from the clip start) is not sent")
+    max_field_chars: int = Field(1500, ge=50, description="untrusted text shown with the audio is clipped to this")
+    batch_size: int = Field(8, ge=1)
+    clap_model: str | None = Field(None, description="CLAP model (hub name or folder) for accept-or-retry; None: off")
+    max_retries: int = Field(2, ge=0, description="regenerations with feedback of a caption CLAP rates below the labels")
+    accept_margin: float = Field(0.0, description="a caption is accepted when its CLAP score >= the labels' + this")
+    max_labels: int = Field(5, ge=1, description="audio tags in the plain-labels text (baseline and fallback)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="CLAP device")
+    fp16: bool = Field(True, description="CLAP half precision on cuda")
+
+    @model_validator(mode="after")
+    def _audio_backend(self) -> AudioCaptionConfig:
+        if self.llm.backend in ("llama_cpp", "transformers"):  # text-only in-process LLMs
+            raise ValueError("audio_caption needs an audio-language model: set audio_caption.llm.backend to openai or vllm")
+        return self
+
+
+class AgreementConfig(ModelWorkerConfig):
+    """Caption-to-media agreement (stages/agreement.py): CLAP scores audio-related captions against the
+    audio, CLIP/SigLIP scores visual captions against the frames; ``caption_select`` keeps the best
+    visual caption before fusion; thresholds mark low-agreement clips (off by default)."""
+
+    clap_model: str | None = Field("laion/clap-htsat-unfused", description="CLAP hub name or folder; None: no clap_score")
+    clip_model: str | None = Field(
+        "openai/clip-vit-base-patch32", description="CLIP/SigLIP hub name or folder (as visual_tags); None: no clip_score"
+    )
+    audio_kinds: list[str] = Field(
+        default_factory=lambda: ["audio", "music", "speech_style", "fused", "fused_audio", "fused_music"],
+        description="caption kinds scored against the audio",
+    )
+    visual_kinds: list[str] = Field(
+        default_factory=lambda: ["visual", "fused", "fused_visual"], description="caption kinds scored against the frames"
+    )
+    select_kind: str = Field("visual", description="caption_select: the kind of which only the best caption is kept")
+    min_clap_score: float | None = Field(None, ge=-1, le=1, description="drop_reason=low_clap_score below this")
+    min_clip_score: float | None = Field(None, ge=-1, le=1, description="drop_reason=low_clip_score below this")
+    max_frames: int | None = Field(8, ge=1, description="frames per clip embedded (evenly spaced)")
+    frame_batch: int = Field(64, ge=1)
+    max_labels: int = Field(5, ge=1, description="audio tags in the plain-labels text scored as clap_label_score")
+
+
 class ReportConfig(Section):
     """The caption-quality report ``OUTPUT/report/index.html`` (pipeline/report.py)."""
 
@@ -511,6 +574,8 @@ class RunConfig(Section):
     visual_caption: VisualCaptionConfig = Field(default_factory=VisualCaptionConfig)
     visual_quality: VisualQualityConfig = Field(default_factory=VisualQualityConfig)
     text_embed: TextEmbedConfig = Field(default_factory=TextEmbedConfig)
+    audio_caption: AudioCaptionConfig = Field(default_factory=AudioCaptionConfig)
+    agreement: AgreementConfig = Field(default_factory=AgreementConfig)
     write: WriteConfig = Field(default_factory=WriteConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)

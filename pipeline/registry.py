@@ -32,6 +32,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "visual_caption": ("stages.visual_caption:VisualCaptionStage", "visual_caption"),
     "visual_quality": ("stages.visual_quality:VisualQualityStage", "visual_quality"),
     "text_embed": ("stages.text_embed:TextEmbedStage", "text_embed"),
+    "audio_caption": ("stages.audio_caption:AudioCaptionStage", "audio_caption"),
+    "caption_select": ("stages.agreement:CaptionSelectStage", "agreement"),
+    "agreement": ("stages.agreement:AgreementStage", "agreement"),
 }
 
 

@@ -97,12 +97,29 @@ class JudgeAnswer(Answer):
     flags: list[JudgeFlag] = Field(max_length=3)
 
 
+class AudioCaptionAnswer(Answer):
+    """An audio-language model's description of one aspect of a clip's sound (stages/audio_caption.py):
+    ``present`` false (and ``caption`` "") when the clip has none of it (no music, no voice)."""
+
+    tolerant: ClassVar[bool] = True
+
+    present: bool
+    caption: str = Field(max_length=400)
+
+    @model_validator(mode="after")
+    def _caption_when_present(self) -> AudioCaptionAnswer:
+        if self.present and not self.caption:
+            raise ValueError("caption must not be empty when present is true")
+        return self
+
+
 ANSWERS: dict[str, type[Answer]] = {
     "mmtrail": MMTrailAnswer,
     "wavcaps": WavCapsAnswer,
     "howtocaption": HowToCaptionAnswer,
     "favd": FAVDAnswer,
     "judge": JudgeAnswer,
+    "audio_caption": AudioCaptionAnswer,
 }
 
 
