@@ -459,7 +459,8 @@ def signals_table(rows: list[Row], quality_score: str) -> pa.Table:
         cols["pixels"].append(int(w * h) if w and h else None)
         cols["quality"].append(_quality(row, quality_score))
         cols["content_hash"].append(row.get("content_hash"))
-        for name in ("frame_hashes", "frame_times", "audio_fingerprint", "audio_times", "visual_embedding", "text_embedding"):
+        for name in ("frame_hashes", "frame_times", "audio_fingerprint", "audio_times", "visual_embedding",
+                     "text_embedding"):  # fmt: skip
             cols[name].append(list(row.get(name) or []))
     return pa.table(cols, schema=pa.schema([pa.field(n, t) for n, t in SIGNAL_FIELDS]))
 

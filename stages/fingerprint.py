@@ -31,8 +31,9 @@ Three signals per clip, stored on the row, and the time of each code:
   below the loudest band of the window and at -80 dBFS (empty bands are constant, not noise), the
   bands together must be louder than ``AUDIO_FLOOR_DB``, and a code is kept only when at least
   ``AUDIO_MIN_STRONG_BITS`` of its 64 bits come from a change of at least ``AUDIO_BIT_MARGIN``
-  (natural-log energy). Silence, a constant tone or hum, and sound outside the bands give no code: such codes were all-zero-like and equal across unrelated
-  clips. ``audio_times``: seconds from the clip start of each kept code.
+  (natural-log energy). Silence, a constant tone or hum, and sound outside the bands give no code:
+  such codes were all-zero-like and equal across unrelated clips. ``audio_times``: seconds from
+  the clip start of each kept code.
 
 Each 64-bit code is stored as a signed int64 (two's complement) because Arrow/parquet have no
 unsigned 64-bit list type that every reader handles; ``as_uint64`` converts back.

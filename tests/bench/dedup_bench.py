@@ -14,15 +14,21 @@ distinct originals of ~22 s made with ffmpeg lavfi pictures (slow gradients, cel
 fractal zooms, testsrc2 and smptebars whose luma is the same in every video, a dark scene of sparse
 bright moving dots, life, a camera pan, sierpinski), each with two different espeak-ng sentences
 spoken by *one* synthetic voice over a quiet sine tone of the video's own pitch; some originals are
-silent or carry only their tone (on pictures that do not repeat: ``PERIODIC``; lavfi's testsrc2
-and gradients animations loop, and a loop with no sound to tell its turns apart is a repeat). Planted copies: byte copy, low-bitrate half-resolution re-encode,
-10% crop, letterbox, brightness/contrast, mirror, 1.5 s head trim; plus one video whose content
-really repeats (a 11 s segment played twice: its two clips are duplicates). Videos are cut into
-fixed 10 s windows by the split stage's own ``fixed_windows``; extract + fingerprint run on each
-window and ``find_duplicates`` decides. Truth at clip level: two clips are duplicates when they
-come from the same original and their source time ranges overlap by at least half of the
-shorter one. Reported: pair precision/recall over clips in the same group, the share of
-``duplicate_of`` marks that point at a true duplicate, false and missed pairs by name.
+silent or carry only their tone (on pictures that do not repeat: ``PERIODIC``; lavfi's testsrc2 and
+gradients animations loop, and a loop with no sound to tell its turns apart is a repeat). Planted
+copies: byte copy, low-bitrate half-resolution re-encode, 10% crop, letterbox, brightness/contrast,
+mirror, 1.5 s head trim; plus one video whose content really repeats (a 10 s segment played twice:
+its two clips are duplicates). Videos are cut into fixed 10 s windows by the split stage's own
+``fixed_windows``; extract + fingerprint run on each window and ``find_duplicates`` decides. Truth
+at clip level: two clips are duplicates when they come from the same original and their source time
+ranges overlap by at least half of the shorter one. Reported: pair precision/recall over clips in
+the same group, the share of ``duplicate_of`` marks that point at a true duplicate, false and missed
+pairs by name.
+
+Measured (2 shared CPU cores, default ``DedupConfig``; seeds are held out from the tests' seed 3):
+``--hard --originals 22 --copies 14 --seed 21``: 37 videos, 74 clips, 29 true pairs, precision 1.000,
+recall 1.000 (26 candidate links refused by a contradicting signal); ``--originals 30 --copies 21
+--seed 12``: 104 clips, 43 true pairs, precision 1.000, recall 1.000.
 
 **Speed at 1 M**: semantic (512-d embeddings) and perceptual (64-bit fingerprints) near-duplicates.
 
@@ -185,7 +191,8 @@ def _picture(kind: str, rng: Any, duration: float) -> str:
         src = (f"cellauto={sz}:rule={rng.choice([18, 30, 45, 73, 90, 105, 110, 150])}:seed={rng.randrange(1 << 30)}:"
                f"ratio={rng.uniform(0.3, 0.7):.2f}")  # fmt: skip
     elif kind == "mandelbrot":
-        src = (f"mandelbrot={sz}:maxiter=64:start_x={-0.743643887 + rng.uniform(-3e-5, 3e-5):.9f}:start_y={-0.131825904 + rng.uniform(-3e-5, 3e-5):.9f}:"
+        x, y = -0.743643887 + rng.uniform(-3e-5, 3e-5), -0.131825904 + rng.uniform(-3e-5, 3e-5)
+        src = (f"mandelbrot={sz}:maxiter=64:start_x={x:.9f}:start_y={y:.9f}:"
                f"start_scale={rng.uniform(2.0, 3.5):.3f}:end_scale={rng.uniform(0.1, 0.5):.3f}:"
                f"end_pts={rng.uniform(15, 40):.1f},hue=h={hue}")  # fmt: skip
     elif kind == "testsrc2":  # the same luma in every video (hue changes chroma only)
