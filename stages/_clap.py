@@ -136,16 +136,17 @@ class ClipScorer:
         self.siglip = getattr(self.model, "logit_bias", None) is not None
         self.frame_batch = frame_batch
 
-    def frame_embeddings(self, frame_uris: list[list[str]], max_frames: int | None) -> np.ndarray:
-        """(clips, dim) unit embeddings: per clip, its (evenly picked) frames embedded and mean-pooled.
-        A missing or unreadable frame raises StageError (``load_image``)."""
+    def load_frames(self, uris: list[str], max_frames: int | None) -> list[Any]:
+        """The (evenly picked) frames of one clip as RGB images; a missing or unreadable frame raises
+        StageError (``load_image``)."""
+        return [load_image(u) for u in pick_evenly(uris, max_frames)]
+
+    def embed_frames(self, clips: list[list[Any]]) -> np.ndarray:
+        """(clips, dim) unit embeddings: per clip, its frames embedded (in batches of ``frame_batch``
+        across clips) and mean-pooled."""
         import torch
 
-        images, spans = [], []
-        for uris in frame_uris:
-            picked = pick_evenly(uris, max_frames)
-            spans.append((len(images), len(images) + len(picked)))
-            images.extend(load_image(u) for u in picked)
+        images = [img for frames in clips for img in frames]
         emb = []
         with torch.inference_mode():
             for s in range(0, len(images), self.frame_batch):
@@ -153,9 +154,17 @@ class ClipScorer:
                 pixels = pixels.to(self.device, self.dtype)
                 emb.append(_normalise(_features(self.model.get_image_features(pixel_values=pixels)).float()).cpu().numpy())
         frames = np.concatenate(emb)
-        pooled = np.stack([frames[a:b].mean(axis=0) for a, b in spans])
-        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return pooled.astype(np.float32)
+        pooled, start = [], 0
+        for clip in clips:
+            pooled.append(frames[start : start + len(clip)].mean(axis=0))
+            start += len(clip)
+        out = np.stack(pooled)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)
+
+    def frame_embeddings(self, frame_uris: list[list[str]], max_frames: int | None) -> np.ndarray:
+        """(clips, dim) unit embeddings of each clip's frame files (see ``load_frames``, ``embed_frames``)."""
+        return self.embed_frames([self.load_frames(uris, max_frames) for uris in frame_uris])
 
     def text_embeddings(self, texts: list[str]) -> np.ndarray:
         import torch

@@ -133,18 +133,20 @@ class _AgreementBase(PooledStage[AgreementConfig]):
 
     def _frames(self, rows: list[Row], results: list[Any], wanted: list[bool]) -> dict[int, np.ndarray]:
         """Pooled frame embeddings of the rows that want them and have frames; a bad frame fails its row."""
-        out: dict[int, np.ndarray] = {}
         if self.clip is None:
-            return out
+            return {}
+        loaded: dict[int, list[Any]] = {}
         for i, row in enumerate(rows):
             uris = row.get("frame_uris") or []
             if not wanted[i] or not uris or results[i] is not None:
                 continue
             try:
-                out[i] = self.clip.frame_embeddings([uris], self.config.max_frames)[0]
+                loaded[i] = self.clip.load_frames(uris, self.config.max_frames)
             except StageError as exc:
                 results[i] = exc
-        return out
+        if not loaded:
+            return {}
+        return dict(zip(loaded, self.clip.embed_frames(list(loaded.values())), strict=True))
 
 
 class CaptionSelectStage(_AgreementBase):

@@ -203,3 +203,21 @@ def test_stages_are_registered_and_ordered() -> None:
     assert cfg.agreement.min_clap_score is None and cfg.agreement.min_clip_score is None
     with pytest.raises(ValueError):
         AgreementConfig(min_clap_score=2.0)
+
+
+def test_through_the_executor_batch_independent_and_dropped_rows_pass(media: dict[str, Any], models: dict[str, str]) -> None:
+    from pipeline.executor import apply_stage
+
+    stage = _stage(AgreementStage, models, min_clap_score=1.0)  # every scored clip is below
+    rows = [
+        _row(media, "s", "speech", "bars", captions=[_cap("audio", "someone speaks"), _cap("visual", "colour bars")]),
+        _row(media, "t", "sine", "test", captions=[_cap("audio", "a steady tone"), _cap("visual", "a test card")]),
+        _row(media, "d", "sine", "test", captions=[_cap("audio", "a tone")], drop_reason="duplicate"),
+    ]
+    out = {r["key"]: r for r in apply_stage(stage, rows)}
+    assert out["s"]["drop_reason"] == out["t"]["drop_reason"] == "low_clap_score"
+    assert out["d"]["drop_reason"] == "duplicate" and not out["d"].get("scores")  # not scored
+    assert "error" not in out["s"] or out["s"]["error"] is None
+    (alone,) = stage.process_batch([rows[1]])
+    together = {s["name"]: s["value"] for s in out["t"]["scores"]}
+    assert {s["name"]: s["value"] for s in alone["scores"]} == pytest.approx(together, abs=2e-4)
