@@ -254,3 +254,20 @@ def test_accept_or_retry_against_the_labels(server: Any, media: dict[str, str], 
         assert agreement["tries"] == 3 and len(state.bodies) == 3  # first answer + max_retries
         assert all(s < agreement["label_score"] for s in agreement["scores"])
         assert out["llm_flags"] == ["audio_caption_fallback:audio:low_agreement"]
+
+
+def test_fusion_presets_show_the_audio_captions(server: Any, media: dict[str, str]) -> None:
+    from pipeline.config import CaptionGroundingConfig
+    from stages._prompts import render, signals_from_row
+    from stages.fuse import clip_evidence
+
+    url, state = server
+    state.respond = lambda body, kind: json.dumps({"present": True, "caption": f"a calm {kind} description"})
+    row = _row(media, "m", "sine", [("Music", 0.8)])
+    (out,) = _stage(url, presets={"music": "audio_music"}).process_batch([row])
+    signals = signals_from_row({**row, **out})
+    for name in ("mmtrail", "favd"):
+        rendered = render(load_preset(name), signals)
+        assert "music: a calm music description" in rendered.shown["captions"]
+        ev = clip_evidence(signals, rendered, CaptionGroundingConfig())
+        assert ev.music and ev.audio  # a music caption is music evidence for the grounding gate
