@@ -6,6 +6,7 @@ Run from the repository root::
 
     python -m tests.bench.agreement_bench                 # 16 clips of 8 s, 4 frames, 4 captions each
     python -m tests.bench.agreement_bench --clips 32 --repeats 3 --json out.json
+    python -m tests.bench.agreement_bench --device cuda --clips 64   # on a GPU machine
 
 No weights are downloaded: the CLAP and CLIP models are the tiny random ones of the tests
 (``tests/tiny_clap.py``, ``stages.visual_tags.save_tiny_clip``), so the figures measure the stage's
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="cuda: the GPU check")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = Path(tmp)
         rows = make_rows(root, args.clips, args.seconds, args.frames)
         cfg = AgreementConfig(clap_model=str(save_tiny_clap(root / "clap")), clip_model=str(save_tiny_clip(root / "clip")),
-                              device="cpu", max_frames=args.frames)  # fmt: skip
+                              device=args.device, max_frames=args.frames)  # fmt: skip
         stage = AgreementStage(cfg)
         stage.setup()
         batches = [rows[i : i + args.batch] for i in range(0, len(rows), args.batch)]
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     stage.process_batch(b) if name == "stage" else direct(stage, b)
                 times[name].append(time.perf_counter() - started)
     result = {
-        "clips": args.clips, "seconds_per_clip": args.seconds, "frames": args.frames, "repeats": args.repeats,
+        "device": stage.clap.device if stage.clap else args.device, "clips": args.clips, "seconds_per_clip": args.seconds, "frames": args.frames, "repeats": args.repeats,
         "stage_clips_per_s": round(args.clips / statistics.median(times["stage"]), 2),
         "direct_clips_per_s": round(args.clips / statistics.median(times["direct"]), 2),
     }  # fmt: skip
