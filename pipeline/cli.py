@@ -124,9 +124,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     for line in demo_samples(out, args.show):
         print(line)
     print("open them:")
-    print("  import webdataset as wds")
-    last = f"{max(len(shards) - 1, 0):06d}"
-    print(f"  ds = wds.WebDataset('{out / 'shards'}/{{000000..{last}}}.tar')")
+    print("  import glob, webdataset as wds")
+    print(f"  ds = wds.WebDataset(sorted(glob.glob('{out / 'shards'}/*.tar')))  # names: partition-digest")
     print("  sample = next(iter(ds))   # KEY.flac, KEY.0.jpg ..., KEY.json, KEY.txt")
     print(f"index:       {out / 'index.parquet'}  (pandas.read_parquet)")
     report = out / "report" / "index.html"

@@ -545,6 +545,9 @@ class RayConfig(Section):
     )
     writer_cpus: float = Field(0.25, gt=0, description="CPUs of a writer task (after an actor pool)")
     progress_bars: bool = Field(True, description="Ray Data progress bars")
+    input_block_rows: int = Field(
+        64, ge=1, description="input rows per Ray Data input block (whole input partitions; tasks split them further)"
+    )
 
 
 class RunConfig(Section):

@@ -61,6 +61,8 @@ from PIL import Image
 from webdataset.pytorch import IterableDataset
 from webdataset.tariterators import tarfile_samples
 
+from pipeline import layout
+
 log = logging.getLogger(__name__)
 
 FrameFormat = Literal["tensor", "pil", "none"]
@@ -121,7 +123,7 @@ def _read_schema(path: str) -> pa.Schema:
 
 def read_index(source: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
     """``index.parquet`` of an output folder (local or URL), optionally only ``columns``."""
-    return _read_parquet(_join(source, "index.parquet"), columns)
+    return _read_parquet(_join(source, layout.INDEX), columns)
 
 
 def shard_urls(source: Source, keys: pa.Table | None = None) -> list[str]:
@@ -138,9 +140,9 @@ def shard_urls(source: Source, keys: pa.Table | None = None) -> list[str]:
         import braceexpand
 
         return list(braceexpand.braceexpand(text))
-    table = keys if keys is not None else read_index(text, ["shard"])
-    names = sorted(set(table.column("shard").to_pylist()))
-    return [_join(text, "shards", n) for n in names]
+    table = keys if keys is not None else read_index(text, [layout.SHARD_COLUMN])
+    names = sorted(set(table.column(layout.SHARD_COLUMN).to_pylist()))
+    return [_join(text, layout.SHARDS, n) for n in names]
 
 
 # --------------------------------------------------------------------------- index queries
@@ -208,7 +210,7 @@ def query_index(
     else:
         # embeddings are large and never filtered on: skip them unless asked for
         skip = {"visual_embedding", "text_embedding"} - set(columns or ())
-        names = [n for n in _read_schema(_join(source, "index.parquet")).names if n not in skip]
+        names = [n for n in _read_schema(_join(source, layout.INDEX)).names if n not in skip]
         table = read_index(source, names)
     keep = np.ones(table.num_rows, dtype=bool)
     if languages is not None:

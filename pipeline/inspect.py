@@ -20,6 +20,7 @@ import av
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import layout
 from pipeline.errors import AvforgeError
 
 _SKIP = {"visual_embedding", "text_embedding"}
@@ -151,10 +152,10 @@ def _filled(table: Any) -> str:
 
 
 def _describe_folder(out: Path, samples: int) -> str:
-    stats = json.loads((out / "stats.json").read_text()) if (out / "stats.json").exists() else {}
+    stats = json.loads((out / layout.STATS).read_text()) if (out / layout.STATS).exists() else {}
     clips = stats.get("clips", {})
-    shards = sorted((out / "shards").glob("*.tar"))
-    index_path = out / "index.parquet"
+    shards = sorted((out / layout.SHARDS).glob(f"*{layout.TAR}"))
+    index_path = out / layout.INDEX
     lines = [f"avforge output {out}"]
     if stats:
         lines.append(
@@ -193,12 +194,12 @@ def _describe_folder(out: Path, samples: int) -> str:
 
 
 def _find_in_folder(out: Path, key: str) -> str:
-    index_path = out / "index.parquet"
+    index_path = out / layout.INDEX
     if index_path.exists():
-        hit = pq.read_table(index_path, columns=["key", "shard"], filters=[("key", "=", key)]).to_pylist()
+        hit = pq.read_table(index_path, columns=["key", layout.SHARD_COLUMN], filters=[("key", "=", key)]).to_pylist()
         if hit:
-            return _find_in_shard(out / "shards" / hit[0]["shard"], key)
-    for name, label in (("rejects.parquet", "rejected"), ("errors.parquet", "failed")):
+            return _find_in_shard(out / layout.SHARDS / hit[0][layout.SHARD_COLUMN], key)
+    for name, label in ((layout.REJECTS, "rejected"), (layout.ERRORS, "failed")):
         path = out / name
         if not path.exists():
             continue
@@ -220,7 +221,7 @@ def describe(path: str | Path, *, samples: int = 3, key: str | None = None) -> s
     """The summary of an output folder or shard tar (or, with ``key``, that one sample in full)."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "shards").is_dir() and not (p / "index.parquet").exists():
+        if not (p / layout.SHARDS).is_dir() and not (p / layout.INDEX).exists():
             raise AvforgeError(f"{p} is not an avforge output folder (no shards/ or index.parquet)")
         return _find_in_folder(p, key) if key else _describe_folder(p, samples)
     if p.suffix == ".tar" and p.exists():

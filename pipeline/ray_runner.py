@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from pipeline.config import RunConfig
 from pipeline.executor import apply_stage
 from pipeline.stage import Row, Stage
 from pipeline.writer import ShardWriter
-from schemas.records import to_table
+from schemas.records import Video, arrow_schema, to_table
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +201,69 @@ def _cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def _input_refs(chunks: Iterable[tuple[int, list[Row]]]) -> tuple[list[Any], int]:
-    """One small Arrow block per input partition, put into the object store as the LIST is read
-    (the driver keeps references, not rows), so tasks stay short and a retry redoes little."""
-    refs: list[Any] = []
-    rows = 0
+@functools.cache
+def input_schema() -> pa.Schema:
+    """Input rows (``stages.ingest``): the Video record and the error fields of unusable lines."""
+    schema = arrow_schema(Video)
+    for name in ("error_stage", "error_type", "error"):
+        schema = schema.append(pa.field(name, pa.string()))
+    return schema
+
+
+class _InputBlocks:
+    """The LIST's partitions as a Ray Data source: the driver puts each block into the object store
+    as it reads the LIST and keeps only the references; a read task on a worker fetches its block.
+    (``ray.data.from_arrow_refs`` would run one metadata task per block before anything starts.)"""
+
+    def __init__(self) -> None:
+        self.refs: list[tuple[Any, int, int]] = []  # (object ref, rows, bytes)
+        self.rows = 0
+
+    def add(self, rows: list[Row]) -> None:
+        if any(r.get("key") for r in rows):  # clips, after a global phase (dedup): keep every column
+            table = to_table(rows)
+        else:
+            table = pa.Table.from_pylist(rows, schema=input_schema())  # narrow: a Clip table costs ~1 ms a row
+        self.refs.append((ray.put(table), table.num_rows, table.nbytes))
+        self.rows += table.num_rows
+
+    def datasource(self) -> Any:
+        from ray.data.block import BlockMetadata
+        from ray.data.datasource import Datasource, ReadTask
+
+        refs = self.refs
+
+        def fetch(ref: Any) -> list[pa.Table]:
+            return [ray.get(ref)]
+
+        class Source(Datasource):  # type: ignore[misc]
+            def get_name(self) -> str:
+                return "AvforgeInputs"
+
+            def estimate_inmemory_data_size(self) -> int:
+                return sum(b for _, _, b in refs)
+
+            def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[Any]:
+                return [
+                    ReadTask(functools.partial(fetch, ref), BlockMetadata(num_rows=n, size_bytes=b, input_files=None, exec_stats=None))
+                    for ref, n, b in refs
+                ]
+
+        return Source()
+
+
+def _input_blocks(chunks: Iterable[tuple[int, list[Row]]], block_rows: int) -> _InputBlocks:
+    """Whole input partitions grouped into blocks of about ``block_rows`` rows."""
+    blocks = _InputBlocks()
+    pending: list[Row] = []
     for _, part in chunks:
-        refs.append(ray.put(to_table(part)))
-        rows += len(part)
-    return refs, rows
+        pending += part
+        if len(pending) >= block_rows:
+            blocks.add(pending)
+            pending = []
+    if pending:
+        blocks.add(pending)
+    return blocks
 
 
 def _actor_pool(stage: Stage, config: RunConfig) -> Any:
@@ -231,10 +286,11 @@ def build_dataset(
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = config.ray.progress_bars
-    refs, n_rows = _input_refs(chunks)
-    if not refs:
+    blocks = _input_blocks(chunks, config.ray.input_block_rows)
+    if not blocks.refs:
         return None
-    ds = ray.data.from_arrow_refs(refs)
+    n_rows = blocks.rows
+    ds = ray.data.read_datasource(blocks.datasource(), override_num_blocks=len(blocks.refs))
     workers = config.ray.workers_per_cpu_stage or max(1, int(_cluster_cpus()))
     groups = fuse_stages(stages)
     for n, group in enumerate(groups):

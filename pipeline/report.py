@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
+from pipeline import layout
 from pipeline.config import ReportConfig
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,9 @@ def _read_table(path: Path) -> pa.Table:
 
 
 def load_run(out_dir: Path) -> RunData:
-    stats_path = out_dir / "stats.json"
+    stats_path = out_dir / layout.STATS
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    config_path = out_dir / "config.yaml"
+    config_path = out_dir / layout.CONFIG
     if config_path.exists():
         config_text = config_path.read_text()
     else:
@@ -96,12 +97,12 @@ def load_run(out_dir: Path) -> RunData:
     staging = (yaml.safe_load(config_text) or {}).get("staging_dir") if config_path.exists() else None
     return RunData(
         out_dir=out_dir,
-        staging_dir=Path(staging) if staging else out_dir / "_staging",
+        staging_dir=Path(staging) if staging else out_dir / layout.STAGING,
         stats=stats,
         config_text=config_text,
-        kept=_read_table(out_dir / "index.parquet"),
-        rejected=_read_table(out_dir / "rejects.parquet"),
-        errors=_read_table(out_dir / "errors.parquet"),
+        kept=_read_table(out_dir / layout.INDEX),
+        rejected=_read_table(out_dir / layout.REJECTS),
+        errors=_read_table(out_dir / layout.ERRORS),
     )
 
 
@@ -481,7 +482,7 @@ def pick_gallery(data: RunData, cfg: ReportConfig) -> list[Card]:
         by_shard[card.row["shard"]].add(card.row["key"])
     media: dict[str, dict[str, Any]] = {}
     for shard, keys in by_shard.items():
-        path = data.out_dir / "shards" / shard
+        path = data.out_dir / layout.SHARDS / shard
         if path.exists():
             media.update(read_media(path, keys))
     for card in cards:

@@ -1,8 +1,7 @@
-"""Run a job: ingest, stages (on Ray Data or in-process), sink, final outputs and stats."""
+"""Run a job: stream the LIST, run the stages (on Ray Data or in-process); workers write, the driver commits."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from pipeline import layout, storage
 from pipeline.config import RunConfig, dump_config
 from pipeline.executor import apply_stage
 from pipeline.ingest import IngestCounts, iter_partitions
+from pipeline.lock import output_lock
 from pipeline.registry import build_stages
 from pipeline.resume import Committer, committed_partitions, finalize, plan_retry, remove_uncommitted
 from pipeline.stage import Row, Stage, StageContext
@@ -213,15 +213,6 @@ def dry_run(input_list: str | Path, config: RunConfig) -> dict[str, Any]:
     return {"inputs": len(rows), "outcomes": dict(outcome), "examples": examples, "stages": config.stages}
 
 
-def _lock(out: str) -> Any:
-    """The output folder's lock (pipeline.lock) when that module is present, else a no-op."""
-    try:
-        from pipeline.lock import output_lock  # type: ignore[import-not-found]
-    except ImportError:
-        return contextlib.nullcontext()
-    return output_lock(out)
-
-
 def run_pipeline(
     input_list: str | Path,
     output_dir: str | Path,
@@ -236,7 +227,7 @@ def run_pipeline(
     the inputs whose earlier failures were transient (rate limits, timeouts, 5xx, out of memory).
     """
     store = OutputStore(output_dir)
-    with _lock(store.uri):
+    with output_lock(store.uri):  # one live run per output folder (a second is refused)
         return _run_locked(input_list, store, config, backend, retry_errors)
 
 

@@ -151,7 +151,7 @@ def localize(uri: str) -> Path:
     """
     if not is_remote(uri):
         return Path(uri)
-    local = SCRATCH / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri).name
+    local = _cache_path(uri)
     if not local.exists():
         log.debug("fetching %s", uri)
         get_file(uri, local)
@@ -159,11 +159,23 @@ def localize(uri: str) -> Path:
     return local
 
 
+def _cache_path(uri: str) -> Path:
+    return SCRATCH / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri).name
+
+
+def _adopt(local: Path, uri: str) -> None:
+    """Move a file just uploaded to ``uri`` into the cache as that URI's local copy."""
+    cached = _cache_path(uri)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(local, cached)
+    _cache_touch(cached)
+
+
 def evict(uri: str) -> None:
     """Forget a fetched remote file now (its staged original is about to be deleted)."""
     if not is_remote(uri):
         return
-    local = SCRATCH / "cache" / hashlib.sha1(uri.encode()).hexdigest()[:16] / Path(uri).name
+    local = _cache_path(uri)
     _CACHE.pop(local, None)
     shutil.rmtree(local.parent, ignore_errors=True)
 
@@ -190,10 +202,15 @@ class StagingArea:
         return join(self.uri, *rel.split("/")) if self.remote else str(self.root / rel)
 
     def publish(self, rel: str) -> str:
+        """Make ``rel`` visible at its staging URI. For an object store: upload it, then move the
+        local copy into this process's bounded cache (a later ``localize`` here finds it; the
+        least recently used copies are deleted), so worker disks do not fill with staged media."""
         if not self.remote:
             return str(self.root / rel)
         target = self.uri_of(rel)
-        put_file(self.root / rel, target)
+        src = self.root / rel
+        put_file(src, target)
+        _adopt(src, target)
         return target
 
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline import layout, storage
 from pipeline.config import WriteConfig
+from pipeline.sanitize import sanitize_record
 from pipeline.stage import Row
 from schemas.records import Clip, ErrorRecord, arrow_schema, index_fields, shard_json, to_table
 
@@ -53,15 +54,6 @@ def classify(row: Row) -> str:
     if row.get("drop_reason"):
         return "reject"
     return "keep"
-
-
-def _sanitizer() -> Any:
-    """``pipeline.sanitize.sanitize_record`` when that module exists (finite numbers, valid UTF-8)."""
-    try:
-        from pipeline.sanitize import sanitize_record  # type: ignore[import-not-found]
-    except ImportError:
-        return None
-    return sanitize_record
 
 
 def _node_id() -> str:
@@ -100,7 +92,6 @@ class ShardWriter:
         self.cfg = target.write
         # --retry-errors: of these videos, write only these keys (the others were written before)
         self.only_keys = {v: set(ks) for v, ks in (only_keys or {}).items()}
-        self._sanitize = _sanitizer()
 
     # ------------------------------------------------------------------ entry point
 
@@ -117,9 +108,8 @@ class ShardWriter:
         return keys is None or row.get("key") is None or row["key"] in keys
 
     def _write_group(self, partition: int, rows: list[Row]) -> dict[str, Any]:
-        rows = [r for r in rows if self._wanted(r)]
-        if self._sanitize is not None:
-            rows = [self._sanitize(r) for r in rows]
+        # the one place rows are made safe for strict JSON and parquet (finite numbers, valid UTF-8)
+        rows = [sanitize_record(r) for r in rows if self._wanted(r)]
         kept = sorted((r for r in rows if classify(r) == "keep"), key=lambda r: r["key"])
         rejects = sorted((r for r in rows if classify(r) == "reject"), key=lambda r: r.get("key") or r["video_id"])
         errors = sorted((r for r in rows if classify(r) == "error"), key=lambda r: (r.get("key") or "", r["video_id"]))

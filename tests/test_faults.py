@@ -34,7 +34,7 @@ from pipeline.stage import Resources, Row, Stage
 SETTINGS = [
     "split.clip_seconds=4", "split.min_clip_seconds=1", "split.max_clip_seconds=6",
     "extract.frames_per_clip=1", "extract.batch_size=4", "write.max_samples_per_shard=2", "report.enabled=false",
-    "write.inputs_per_partition=2", "ray.progress_bars=false",
+    "write.inputs_per_partition=2", "ray.input_block_rows=2", "ray.progress_bars=false",
 ]  # fmt: skip
 VIDEOS = 24  # inputs: the 3 corpus videos listed 8 times each under distinct ids
 

@@ -127,7 +127,6 @@ def test_a_partition_with_missing_rows_commits_at_the_end_of_the_stream(tmp_path
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_writer_output_is_strict_json(tmp_path: Path, bad: float) -> None:
-    pytest.importorskip("pipeline.sanitize")
     out, staging = tmp_path / "out", tmp_path / "staging"
     rows = _rows(staging, [(0, "a", 1)])
     rows[0]["audio_rms_db"] = bad
@@ -135,3 +134,18 @@ def test_writer_output_is_strict_json(tmp_path: Path, bad: float) -> None:
     with tarfile.open(out / "shards" / f"{m['shards'][0]['name']}.tar") as t:
         doc = json.loads(t.extractfile("a_0000.json").read(), parse_constant=lambda c: pytest.fail(c))  # type: ignore[union-attr]
     assert doc["audio_rms_db"] is None
+
+
+def test_a_second_live_run_on_one_output_is_refused(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.lock import OutputLockedError, output_lock
+    from pipeline.runner import run_pipeline
+
+    inputs = tmp_path / "l.txt"
+    inputs.write_text(str(tmp_path / "missing.mp4") + "\n")
+    cfg = load_config(None, ["stages=[download]", "report.enabled=false"])
+    out = tmp_path / "out"
+    with output_lock(out), pytest.raises(OutputLockedError):
+        run_pipeline(inputs, out, cfg, backend="sequential")
+    summary = run_pipeline(inputs, out, cfg, backend="sequential")  # released: runs
+    assert summary.errors == 1 and not (out / ".avforge.lock").exists()
