@@ -435,6 +435,7 @@ def evaluate_wer(out: Path, corpus: Path, truth: list[VideoTruth], config: Any) 
         return float(r["clip_start"]) + off, float(r["clip_end"]) + off
 
     refs, clip_hyps, used = [], [], []
+    cuts: list[list[float]] = []  # where each used video was cut
     for t in truth:
         if t.role != "original" or not t.sentences:
             continue
@@ -458,6 +459,7 @@ def evaluate_wer(out: Path, corpus: Path, truth: list[VideoTruth], config: Any) 
         refs.append(t.reference)
         clip_hyps.append(" ".join(texts))
         used.append(t)
+        cuts.append([round(float(r["clip_start"]), 2) for r in own[1:]])
     if not used:
         return {"videos": 0, "per_clip": None, "whole_track": None}
     stage = AsrStage(config.asr)
@@ -478,10 +480,15 @@ def evaluate_wer(out: Path, corpus: Path, truth: list[VideoTruth], config: Any) 
         "per_clip": _r(per_clip),
         "whole_track": _r(whole_track),
         "ratio": _r(per_clip / whole_track) if whole_track else None,
+        "videos_cut": sum(bool(c) for c in cuts),  # the others are one clip: per-clip = whole track there
+        "per_clip_on_cut_videos": _r(wer([r for r, c in zip(refs, cuts) if c], [h for h, c in zip(clip_hyps, cuts) if c]))
+        if any(cuts) else None,
+        "whole_track_on_cut_videos": _r(wer([r for r, c in zip(refs, cuts) if c], [h for h, c in zip(whole_hyps, cuts) if c]))
+        if any(cuts) else None,
         "whole_track_asr_seconds": round(seconds, 1),
         "per_video": [
-            {"video": t.id, "per_clip": _r(wer([ref], [c])), "whole": _r(wer([ref], [w])), "reference": ref, "clips": c, "whole_track": w}
-            for t, ref, c, w in zip(used, refs, clip_hyps, whole_hyps, strict=True)
+            {"video": t.id, "cuts": cut, "per_clip": _r(wer([ref], [c])), "whole": _r(wer([ref], [w])), "reference": ref, "clips": c, "whole_track": w}
+            for t, ref, c, w, cut in zip(used, refs, clip_hyps, whole_hyps, cuts, strict=True)
         ],
     }  # fmt: skip
 
@@ -561,7 +568,8 @@ def format_summary(res: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v['false_drop_rate']}" for k, v in f["per_reason"].items() if k != "duplicate"),
         "         bad caught: " + ", ".join(f"{k} {v['not_shipped']}/{v['clips']}" for k, v in f["bad_catch"].items())
         + f"; good clips dropped by black/frozen: {len(f['good_dropped_by_black_or_frozen'])}",
-        f"WER:     per clip {w.get('per_clip')}  whole track {w.get('whole_track')}  (ratio {w.get('ratio')}, {w.get('videos')} videos)",
+        f"WER:     per clip {w.get('per_clip')}  whole track {w.get('whole_track')}  (ratio {w.get('ratio')}, {w.get('videos')} videos, "
+        f"{w.get('videos_cut')} of them cut; on those: per clip {w.get('per_clip_on_cut_videos')}, whole {w.get('whole_track_on_cut_videos')})",
         f"captions: grounded (bench check) {c['grounded_share_bench']}, unsupported content words {c['unsupported_word_share']}, "
         f"pipeline caption_grounding on {c['pipeline_caption_grounding']['clips_scored']}/{c['shipped']} clips",
         f"         transcript words carried {c['transcript_words_carried']}, fuse fallback {c['fuse_fallback_share']}, "
