@@ -229,8 +229,9 @@ class Clip(Record):
     content_hash: str | None = opt()  # SHA-1 of decoded low-res frames (audio if no video): exact duplicates
     frame_hashes: list[int] = opt_list(json=False, index=False)  # 64-bit DCT-sign hashes, 2 per frame
     audio_fingerprint: list[int] = opt_list(json=False, index=False)  # 64-bit band-energy codes, ~31/s
-    frame_times: list[float] = opt_list(arrow=pa.list_(pa.float32()), json=False, index=False)  # s, per hashed frame
-    audio_times: list[float] = opt_list(arrow=pa.list_(pa.float32()), json=False, index=False)  # s, per audio code
+    hash_times: list[float] = opt_list(arrow=pa.list_(pa.float32()), json=False, index=False)  # s, per hashed frame
+    code_times: list[float] = opt_list(arrow=pa.list_(pa.float32()), json=False, index=False)  # s, per audio code
+    nonfinite_fields: list[str] = opt_list()  # fields whose NaN/Inf value was written as null (pipeline/sanitize.py)
     # -- failure
     error_stage: str | None = opt()
     error_type: str | None = opt()

@@ -71,8 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
-DEFAULT_FRAME_STEP = 0.25  # seconds between frames of signal rows written without frame_times
-DEFAULT_AUDIO_STEP = 0.032  # seconds between audio codes of signal rows written without audio_times
+DEFAULT_FRAME_STEP = 0.25  # seconds between frames of signal rows written without hash_times
+DEFAULT_AUDIO_STEP = 0.032  # seconds between audio codes of signal rows written without code_times
 
 SIGNAL_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("key", pa.string()),
@@ -83,9 +83,9 @@ SIGNAL_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("quality", pa.float64()),
     ("content_hash", pa.string()),
     ("frame_hashes", pa.list_(pa.int64())),
-    ("frame_times", pa.list_(pa.float32())),
+    ("hash_times", pa.list_(pa.float32())),
     ("audio_fingerprint", pa.list_(pa.int64())),
-    ("audio_times", pa.list_(pa.float32())),
+    ("code_times", pa.list_(pa.float32())),
     ("visual_embedding", pa.list_(pa.float32())),
     ("text_embedding", pa.list_(pa.float32())),
 )
@@ -459,7 +459,7 @@ def signals_table(rows: list[Row], quality_score: str) -> pa.Table:
         cols["pixels"].append(int(w * h) if w and h else None)
         cols["quality"].append(_quality(row, quality_score))
         cols["content_hash"].append(row.get("content_hash"))
-        for name in ("frame_hashes", "frame_times", "audio_fingerprint", "audio_times", "visual_embedding",
+        for name in ("frame_hashes", "hash_times", "audio_fingerprint", "code_times", "visual_embedding",
                      "text_embedding"):  # fmt: skip
             cols[name].append(list(row.get(name) or []))
     return pa.table(cols, schema=pa.schema([pa.field(n, t) for n, t in SIGNAL_FIELDS]))
@@ -768,12 +768,12 @@ def perceptual_links(
     matches: dict[str, AlignedMatches] = {}
     ratios: dict[str, float] = {}
     if cfg.frames:
-        cs = code_set("frames", table.column("frame_hashes"), _column(table, "frame_times"), len(FRAME_SCALES),
+        cs = code_set("frames", table.column("frame_hashes"), _column(table, "hash_times"), len(FRAME_SCALES),
                       DEFAULT_FRAME_STEP, cfg.frame_radius)  # fmt: skip
         matches["frames"] = AlignedMatches(cs, cfg.frame_radius, max_clips, cfg.frame_offset_tolerance, MIRROR_MASK)
         ratios["frames"] = cfg.frame_match_ratio
     if cfg.audio:
-        cs = code_set("audio", table.column("audio_fingerprint"), _column(table, "audio_times"), 1,
+        cs = code_set("audio", table.column("audio_fingerprint"), _column(table, "code_times"), 1,
                       DEFAULT_AUDIO_STEP, cfg.audio_radius)  # fmt: skip
         matches["audio"] = AlignedMatches(cs, cfg.audio_radius, max_clips, cfg.audio_offset_tolerance)
         ratios["audio"] = cfg.audio_match_ratio
@@ -937,7 +937,7 @@ class DedupStage(Stage[DedupConfig]):
     global_phase = True
     reads = (
         "key", "input_index", "clip_index", "clip_start", "clip_end", "width", "height", "scores",
-        "content_hash", "frame_hashes", "frame_times", "audio_fingerprint", "audio_times",
+        "content_hash", "frame_hashes", "hash_times", "audio_fingerprint", "code_times",
         "visual_embedding", "text_embedding",
     )  # fmt: skip
     # quality scores and embeddings are used when present (semantic dedup needs visual_tags / text_embed)

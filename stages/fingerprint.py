@@ -23,7 +23,7 @@ Three signals per clip, stored on the row, and the time of each code:
   gradients and dark frames with a few small dots fail this: their sign bits are set by
   compression noise (or by where the dots happen to be), and such frames matched across
   unrelated videos.
-  ``frame_times``: seconds from the clip start of each hashed frame.
+  ``hash_times``: seconds from the clip start of each hashed frame.
 * ``audio_fingerprint``: 64-bit codes every 32 ms in the manner of Haitsma & Kalker: log energies
   of 17 bands between 300 and 3400 Hz (256 ms windows, 16 ms hop); a 16-bit sub-fingerprint is the
   sign of the band-difference's change over 128 ms, and a code joins four of them 128 ms apart.
@@ -32,7 +32,7 @@ Three signals per clip, stored on the row, and the time of each code:
   bands together must be louder than ``AUDIO_FLOOR_DB``, and a code is kept only when at least
   ``AUDIO_MIN_STRONG_BITS`` of its 64 bits come from a change of at least ``AUDIO_BIT_MARGIN``
   (natural-log energy). Silence, a constant tone or hum, and sound outside the bands give no code:
-  such codes were all-zero-like and equal across unrelated clips. ``audio_times``: seconds from
+  such codes were all-zero-like and equal across unrelated clips. ``code_times``: seconds from
   the clip start of each kept code.
 
 Each 64-bit code is stored as a signed int64 (two's complement) because Arrow/parquet have no
@@ -343,11 +343,11 @@ def content_hash(frames: list[np.ndarray], audio: np.ndarray | None) -> str:
 
 
 class FingerprintStage(Stage[FingerprintConfig]):
-    """Compute ``content_hash``, ``frame_hashes`` / ``frame_times`` and ``audio_fingerprint`` / ``audio_times``."""
+    """Compute ``content_hash``, ``frame_hashes`` / ``hash_times`` and ``audio_fingerprint`` / ``code_times``."""
 
     name = "fingerprint"
     reads = ("local_path", "clip_start", "clip_end", "has_video", "has_audio", "audio_uri")
-    writes = ("content_hash", "frame_hashes", "frame_times", "audio_fingerprint", "audio_times")
+    writes = ("content_hash", "frame_hashes", "hash_times", "audio_fingerprint", "code_times")
 
     @property
     def resources(self) -> Resources:
@@ -390,7 +390,7 @@ class FingerprintStage(Stage[FingerprintConfig]):
         return {
             "content_hash": content_hash(frames, audio) if frames or audio is not None else None,
             "frame_hashes": as_int64(np.array(hashes, dtype=np.uint64)),
-            "frame_times": times,
+            "hash_times": times,
             "audio_fingerprint": as_int64(codes),
-            "audio_times": np.round(code_times, 3).tolist(),
+            "code_times": np.round(code_times, 3).tolist(),
         }

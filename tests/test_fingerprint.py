@@ -173,8 +173,8 @@ def test_errors_are_typed(media: dict[str, Path], tmp_path: Path) -> None:
     assert isinstance(out[1], StageError) and out[1].error_type == "missing_input"
     assert not isinstance(out[2], Exception) and out[2]["audio_fingerprint"] == []
     # 50 frames at 25 fps, every 6th: 9 sampled; frames the fractal zoom leaves flat carry no hash
-    assert 7 <= len(out[2]["frame_times"]) <= 9
-    assert len(out[2]["frame_hashes"]) == len(out[2]["frame_times"]) * len(FRAME_SCALES)
+    assert 7 <= len(out[2]["hash_times"]) <= 9
+    assert len(out[2]["frame_hashes"]) == len(out[2]["hash_times"]) * len(FRAME_SCALES)
 
 
 def _lavfi_frames(tmp: Path, graph: str, seconds: float = 2.0) -> list[np.ndarray]:
@@ -246,8 +246,8 @@ def test_speech_gives_timed_codes(tmp_path: Path) -> None:
 
 def test_stage_writes_times(fingerprints: dict[str, dict[str, Any]]) -> None:
     fp = fingerprints["src"]
-    assert len(fp["frame_times"]) * len(FRAME_SCALES) == len(fp["frame_hashes"])
-    assert len(fp["audio_times"]) == len(fp["audio_fingerprint"])
-    for name in ("frame_times", "audio_times"):
+    assert len(fp["hash_times"]) * len(FRAME_SCALES) == len(fp["frame_hashes"])
+    assert len(fp["code_times"]) == len(fp["audio_fingerprint"])
+    for name in ("hash_times", "code_times"):
         times = np.array(fp[name])
         assert np.all(np.diff(times) > 0) and times[0] >= 0 and times[-1] < 6.0, name
