@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from pipeline.errors import StageError, is_out_of_memory
+from pipeline.errors import error_message_of, error_type_of, is_out_of_memory
 from pipeline.security import redact_text
 from pipeline.stage import Row, Stage
 
@@ -27,11 +27,10 @@ def _is_active(stage: Stage, row: Row) -> bool:
 
 
 def error_fields(stage: Stage, exc: BaseException) -> dict[str, Any]:
-    error_type = exc.error_type if isinstance(exc, StageError) else type(exc).__name__
-    if is_out_of_memory(exc):
-        error_type = "out_of_memory"
-    message = redact_text(str(exc) or type(exc).__name__)
-    return {"error_stage": stage.name, "error_type": error_type, "error": message[:2000]}
+    """The error columns of a failed row: a documented ``error_type`` (pipeline/errors.py ERROR_TYPES)
+    and the redacted detail, which keeps an unexpected exception's class name."""
+    message = redact_text(error_message_of(exc))
+    return {"error_stage": stage.name, "error_type": error_type_of(exc), "error": message[:2000]}
 
 
 def _check(stage: Stage, rows: list[Row], results: list[Any]) -> None:
