@@ -257,6 +257,10 @@ class JudgeConfig(LLMStageConfig):
         "log-probabilities (G-Eval), else the sampled digit; sampled: always the digit the model wrote",
     )
     top_logprobs: int = Field(20, ge=1, le=20, description="alternatives per token asked of the backend")
+    drop_confidence: float = Field(
+        0.5, gt=0, le=1, description="with score probabilities: drop_reason=low_judge_score when a score below "
+        "min_score is at least this likely (an unsure judge drops nothing)"
+    )
     min_score_mass: float = Field(
         0.5, ge=0, le=1, description="use the expected value only when the score tokens hold this much probability"
     )

@@ -2,7 +2,8 @@
 
 Writes a ``Score(name="judge")``, a ``judge`` caption holding the reasons and provenance, and
 ``llm_flags`` (``judge:<flag>``, ``suspected_injection:<signal>``, ``judge_fallback:<reason>``).
-Sets ``drop_reason="low_judge_score"`` below ``min_score``, and ``"suspected_injection"`` when the
+Sets ``drop_reason="low_judge_score"`` when a score below ``min_score`` is at least
+``drop_confidence`` likely (with a sampled digit: when it is below ``min_score``), and ``"suspected_injection"`` when the
 clip's text tries to instruct the model (``drop_suspected_injection``), whatever the score.
 
 **The score** is, where the backend gives token log-probabilities (transformers, vLLM, OpenAI-compatible
@@ -145,6 +146,17 @@ def _partial(results: list[ChatResult], cfg: JudgeConfig) -> tuple[JudgeAnswer, 
     return None
 
 
+def _below_min_score(estimate: ScoreEstimate, cfg: JudgeConfig, extra: dict[str, Any]) -> bool:
+    """Whether the judge rejects the clip: with score probabilities, when a score below ``min_score``
+    is at least ``drop_confidence`` likely (an unsure judge, whose expected value sits near the middle
+    of the scale, drops nothing); with a sampled digit, when the digit is below ``min_score``."""
+    if estimate.probs is None:
+        return estimate.value < cfg.min_score
+    low = sum(p for d, p in estimate.probs.items() if int(d) < cfg.min_score)
+    extra["p_below_min_score"] = round(low, 4)
+    return low >= cfg.drop_confidence
+
+
 # --------------------------------------------------------------------------- flags that the clip supports
 
 
@@ -262,7 +274,7 @@ class JudgeStage(LLMStage[JudgeConfig]):
                 why = f"score only: the rest of the answer was unusable ({outcome.failure_reason})" if partial else "no reasons given"
                 text = f"{shown}/5: " + (" ".join(verdict.reasons) or why)
                 captions.append(_caption(JUDGE_KIND, text, self.backend.model_id, self.preset, extra))
-                if estimate.value < cfg.min_score:
+                if _below_min_score(estimate, cfg, extra):
                     drop = LOW_SCORE_REASON
             else:
                 flags.append(f"judge_fallback:{outcome.failure_reason}")

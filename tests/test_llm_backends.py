@@ -118,9 +118,8 @@ def test_transformers_answers_json_in_batches(transformers_llm: TransformersBack
         assert re.match(r'\{"score": ?[1-5]\b', result.text), result.text
         assert result.prompt_tokens and result.prompt_tokens > 20
         assert result.completion_tokens and result.completion_tokens <= 160 and result.seconds and result.seconds > 0
-        if result.finish_reason == "stop":  # generation stops where the JSON object closes
-            end = JsonEnd()
-            assert end.feed(result.text) and result.text.rstrip().endswith("}")
+        if JsonEnd().feed(result.text):  # generation stopped where the JSON object closed: nothing after it
+            assert result.finish_reason == "stop" and result.text.rstrip().endswith("}")
     # a batch gives each prompt the answer it gets alone (greedy, left padding masked)
     (alone,) = transformers_llm.chat([judge_request(captions[1])])
     assert alone.text == results[1].text

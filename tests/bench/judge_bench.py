@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out += apply_stage(stage, rows[i : i + args.batch_size])
     seconds = time.perf_counter() - started
     stage.teardown()
-    per: dict[str, dict[str, list[Any]]] = {}
+    per: dict[str, dict[str, list[Any]]] = {}  # group -> score, sampled, decision, flags, p_low, dropped
     methods: list[str] = []
     fallbacks = 0
     for (group, _), row in zip(clips, out, strict=True):
@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         g["score"].append(score)
         g["sampled"].append(sampled)
         g["decision"].append(0.0 if row.get("drop_reason") == "suspected_injection" else score)
+        g.setdefault("p_low", []).append(extra.get("p_below_min_score"))
+        g.setdefault("dropped", []).append(row.get("drop_reason"))
         g["flags"] += [f for f in row.get("llm_flags") or [] if f.startswith("judge:")]
     good = per["good"]
     bad_groups = [g for g in per if g != "good"]
@@ -253,6 +255,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "auc_score_by_kind": {g: auc(good["score"], per[g]["score"]) for g in bad_groups},
         "auc_sampled_by_kind": {g: auc(good["sampled"], per[g]["sampled"]) for g in bad_groups},
         "mean_score": {g: round(statistics.mean(v["score"]), 3) for g, v in per.items()},
+        "scores": {g: sorted(round(x, 2) for x in v["score"]) for g, v in per.items()},
+        "p_below_min_score": {g: sorted(round(x, 2) for x in v["p_low"] if x is not None) for g, v in per.items()},
+        "dropped": {g: {r: v["dropped"].count(r) for r in sorted(set(v["dropped"]), key=str)} for g, v in per.items()},
         "logprob_share": round(methods.count("logprobs") / max(1, len(methods)), 3),
         "fallbacks": fallbacks,
         "flags": {g: {f: v["flags"].count(f) for f in sorted(set(v["flags"]))} for g, v in per.items()},
