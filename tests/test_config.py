@@ -80,10 +80,13 @@ def test_recipe_then_configs_left_to_right_then_set(tmp_path: Path) -> None:
 
 def test_skip_stages_leave_stages_out_and_gpu_overlay_brings_them_back() -> None:
     cfg = load_config(None, [], recipe="mmtrail")
-    assert "visual_caption" not in cfg.stages and cfg.skip_stages == ["visual_tags", "visual_caption"]
+    assert "visual_caption" not in cfg.stages
+    assert cfg.skip_stages == ["visual_tags", "visual_caption", "audio_caption", "caption_select", "agreement"]
     assert cfg.stages[-2:] == ["fuse", "judge"]
     cfg = load_config(None, ["skip_stages=[]"], recipe="mmtrail")
     assert cfg.stages.index("visual_tags") < cfg.stages.index("visual_caption") < cfg.stages.index("fuse")
+    assert cfg.stages.index("audio_caption") < cfg.stages.index("caption_select") < cfg.stages.index("fuse")
+    assert cfg.stages.index("fuse") < cfg.stages.index("agreement") < cfg.stages.index("judge")
     assert load_config(None, [], recipe="mmtrail") == load_config(None, [], recipe="mmtrail")
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(None, ["skip_stages=[teleport]"])

@@ -185,10 +185,11 @@ def _rayjob_image() -> str:
 
 # ---------------------------------------------------------------------- the GPU overlay on every recipe
 
-MODEL_STAGES = {"asr", "audio_tags", "visual_tags", "visual_caption", "text_embed", "fuse", "judge"}
+MODEL_STAGES = {"asr", "audio_tags", "visual_tags", "visual_caption", "audio_caption", "caption_select", "text_embed",
+                "fuse", "agreement", "judge"}
 # GPUs the overlay keeps busy (num_gpus x pool_size, vLLM: tensor_parallel_size x replicas) per recipe,
 # as infra/gpu.yaml and infra/README.md quote them
-GPU_DEMAND = {"mmtrail": 6.25, "howtocaption": 6.25, "favd": 6.25, "valor": 6.25, "wavcaps": 4.75}
+GPU_DEMAND = {"mmtrail": 7.75, "howtocaption": 6.25, "favd": 7.75, "valor": 7.75, "wavcaps": 6.0}
 
 
 def _recipes() -> list[str]:
