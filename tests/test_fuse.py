@@ -266,7 +266,12 @@ def test_pipeline_with_the_offline_llm_fuse_and_judge(tmp_path: Path) -> None:
     for name in ("index.parquet", "rejects.parquet"):
         rows += pq.read_table(tmp_path / "out" / name).to_pylist()
     assert len(rows) == 2
+    reached = [r for r in rows if any(c["kind"] == "fused" for c in r["captions"] or [])]
+    assert reached, [(r["key"], r["drop_reason"]) for r in rows]  # at least one clip passed the filters
     for row in rows:
+        if row not in reached:  # dropped by an independent filter before fuse: the LLM is not asked
+            assert row["drop_reason"] and not row["caption"]
+            continue
         assert row["caption"]
         fused = [c for c in row["captions"] if c["kind"] == "fused"]
         assert len(fused) == 1
