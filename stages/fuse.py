@@ -479,10 +479,11 @@ class FuseStage(LLMStage[FuseConfig]):
             if cfg.retry:
                 retry.append(i)
         if retry:
-            items = [
-                (rendered[i], outcomes[i].attempts[-1]["raw"] if outcomes[i].attempts else None, pending[i].grounding["first"]["unsupported"])
-                for i in retry
-            ]
+            items = []
+            for i in retry:
+                first = pending[i].grounding["first"]
+                words = first["unsupported"] or [f"{f} (says nothing)" for f in first["failing_fields"]]
+                items.append((rendered[i], outcomes[i].attempts[-1]["raw"] if outcomes[i].attempts else None, words))
             answers = ask_grounding_retry(self.backend, self.preset, items, temperature=self.config.llm.temperature)
             for i, (answer, attempt) in zip(retry, answers, strict=True):
                 outcomes[i].attempts.append(attempt)

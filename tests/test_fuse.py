@@ -708,3 +708,4 @@ def test_placeholder_text_is_not_a_caption(monkeypatch: pytest.MonkeyPatch) -> N
     (row,) = apply_stage(stage, [dict(ROW)])
     assert extra_of(row)["grounding"]["outcome"] == "retried" and row["caption"] != "..."
     assert "audio_visual_caption" in extra_of(row)["grounding"]["first"]["failing_fields"]
+    assert '"audio_visual_caption (says nothing)"' in backend.calls[1][0].messages[-1]["content"]
