@@ -273,9 +273,9 @@ class JudgeStage(LLMStage[JudgeConfig]):
                 shown = f"{verdict.score}" if estimate.method == "sampled" else f"{estimate.value:.2f}"
                 why = f"score only: the rest of the answer was unusable ({outcome.failure_reason})" if partial else "no reasons given"
                 text = f"{shown}/5: " + (" ".join(verdict.reasons) or why)
-                captions.append(_caption(JUDGE_KIND, text, self.backend.model_id, self.preset, extra))
-                if _below_min_score(estimate, cfg, extra):
+                if _below_min_score(estimate, cfg, extra):  # before the caption: it records p_below_min_score
                     drop = LOW_SCORE_REASON
+                captions.append(_caption(JUDGE_KIND, text, self.backend.model_id, self.preset, extra))
             else:
                 flags.append(f"judge_fallback:{outcome.failure_reason}")
                 captions.append(_caption(JUDGE_KIND, f"no verdict ({outcome.failure_reason})", FALLBACK_MODEL, self.preset, extra))

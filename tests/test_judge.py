@@ -111,6 +111,7 @@ def test_judge_uses_logprobs_a_backend_returns(monkeypatch: pytest.MonkeyPatch) 
     assert row["scores"] == [{"name": "judge", "value": 3.0}] and row["drop_reason"] == "low_judge_score"
     extra = extra_of(row, "judge")
     assert extra["score_method"] == "logprobs" and extra["score_probs"]["4"] == 0.5 and extra["answer"]["score"] == 4
+    assert extra["p_below_min_score"] == 0.5  # P(score 2) >= drop_confidence: dropped
     judge_caption = [c for c in row["captions"] if c["kind"] == "judge"][0]
     assert judge_caption["text"].startswith("3.00/5: ")
 
@@ -151,7 +152,7 @@ def test_smollm2_judge_scores_from_logprobs(smollm2_judge: JudgeStage) -> None:
         assert extra["backend"] == "transformers" and extra["score_method"] == "logprobs"
         assert 1.0 <= score <= 5.0 and score == extra["score"]
         assert sum(extra["score_probs"].values()) == pytest.approx(1.0, abs=1e-3) and extra["score_mass"] >= 0.5
-        assert (row.get("drop_reason") == "low_judge_score") == (score < 3.0)
+        assert (row.get("drop_reason") == "low_judge_score") == (extra["p_below_min_score"] >= 0.5)
         assert "judge:unsafe" not in row["llm_flags"]  # no evidence for it in any of these clips
     assert scored >= 2
 
