@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -193,12 +194,27 @@ def test_json_prefill_and_end() -> None:
 # --------------------------------------------------------------------------- llama.cpp in-process
 
 
-LLAMA_CPP_MISSING = "llama-cpp-python is not installed (optional extra: pip install 'avforge[llamacpp]')"
+LLAMA_CPP_MISSING = "llama-cpp-python is not installed or does not import (optional extra: pip install 'avforge[llamacpp]')"
+
+
+@functools.cache
+def llama_cpp_importable() -> bool:
+    """Whether llama.cpp runs here, checked in a child process (import, load, one token): a build
+    for another CPU dies with SIGILL in its kernels, which would take the test process with it."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    code = (
+        "import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False); "
+        "llm.create_completion('Hi', max_tokens=1)"
+    )
+    probe = subprocess.run([sys.executable, "-c", code, str(default_gguf())], capture_output=True, timeout=300)
+    return probe.returncode == 0
 
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaCppBackend]:
-    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_MISSING)
+    if not llama_cpp_importable():
+        pytest.skip(LLAMA_CPP_MISSING)
     # 1 thread: llama.cpp threads spin on busy cores
     backend = make_backend(LLMBackendConfig(backend="llama_cpp", context_tokens=2048))
     assert isinstance(backend, LlamaCppBackend)
@@ -302,7 +318,7 @@ def _llama_cpp_server(log_path: Path) -> Iterator[str]:
 
 def llama_cpp_server_installed() -> bool:
     """llama-cpp-python with its server extra (``llama-cpp-python[server]``)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", *LLAMA_SERVER_DEPS))
+    return all(importlib.util.find_spec(m) is not None for m in LLAMA_SERVER_DEPS) and llama_cpp_importable()
 
 
 LLAMA_SERVER_DEPS = ("uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
