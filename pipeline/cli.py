@@ -198,7 +198,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         _, summary = run_quality_bench(
             workdir, count=args.count or 16, duplicates=args.duplicates, bad=args.bad, seed=args.seed,
             backend=args.backend or "sequential", overrides=args.set, skip_wer=args.skip_wer,
-            evaluate_only=args.evaluate_only,
+            evaluate_only=args.evaluate_only, seconds=args.seconds,
         )  # fmt: skip
         print(summary)
         print(f"full results: {workdir / 'quality.json'}")
@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duplicates", type=int, default=10, help="--quality: planted duplicates")
     bench.add_argument("--bad", type=int, default=7, help="--quality: planted bad videos")
     bench.add_argument("--seed", type=int, default=0, help="--quality: corpus seed")
+    bench.add_argument("--seconds", type=float, default=20.0, help="--quality: length of each original video")
     bench.add_argument("--skip-wer", action="store_true", help="--quality: no whole-track ASR pass")
     bench.add_argument("--evaluate-only", action="store_true", help="--quality: evaluate WORKDIR/out as it is, no run")
     bench.set_defaults(func=_cmd_bench)

@@ -507,16 +507,17 @@ def run_quality_bench(
     max_unsupported: float = 0.2,
     skip_wer: bool = False,
     evaluate_only: bool = False,
+    seconds: float = 20.0,
 ) -> dict[str, Any]:
     """Generate (or reuse) the corpus, run the pipeline, evaluate; writes ``workdir/quality.json``."""
     workdir = Path(workdir).resolve()
-    corpus = workdir / f"corpus_s{seed}_o{count}_d{duplicates}_b{bad}"
+    corpus = workdir / (f"corpus_s{seed}_o{count}_d{duplicates}_b{bad}" + (f"_t{seconds:g}" if seconds != 20.0 else ""))
     started = time.perf_counter()
     if (corpus / "truth.json").exists():
         truth = load_truth(corpus)
     else:
         shutil.rmtree(corpus, ignore_errors=True)
-        truth = build_corpus(corpus, seed=seed, originals=count, duplicates=duplicates, bad=bad)
+        truth = build_corpus(corpus, seed=seed, originals=count, duplicates=duplicates, bad=bad, original_seconds=seconds)
     corpus_seconds = time.perf_counter() - started
     out = workdir / "out"
     if evaluate_only:  # figures from an earlier (possibly unfinished) run in workdir/out
@@ -529,7 +530,8 @@ def run_quality_bench(
     results: dict[str, Any] = {
         "command": "avforge bench --quality " + " ".join(
             [f"--workdir {workdir}", f"--count {count}", f"--duplicates {duplicates}", f"--bad {bad}", f"--seed {seed}",
-             f"--backend {backend}", *[f"--set '{o}'" for o in overrides or []]]),
+             f"--backend {backend}", *([f"--seconds {seconds:g}"] if seconds != 20.0 else []),
+             *[f"--set '{o}'" for o in overrides or []]]),
         "corpus": {
             "dir": str(corpus), "seed": seed, "originals": count, "duplicates": duplicates, "bad": bad,
             "generate_seconds": round(corpus_seconds, 1),
@@ -581,7 +583,8 @@ def format_summary(res: dict[str, Any]) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/avforge-quality"))
-    ap.add_argument("--count", type=int, default=16, help="distinct originals (20 s each)")
+    ap.add_argument("--count", type=int, default=16, help="distinct originals")
+    ap.add_argument("--seconds", type=float, default=20.0, help="length of each original (over split.max_clip_seconds forces a cut)")
     ap.add_argument("--duplicates", type=int, default=10, help="planted duplicates (cycling through the transforms)")
     ap.add_argument("--bad", type=int, default=7, help="planted bad videos (cycling through the bad kinds)")
     ap.add_argument("--seed", type=int, default=0)
@@ -599,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res = run_quality_bench(
         args.workdir, args.count, args.duplicates, args.bad, args.seed, args.backend, args.set, args.max_unsupported,
-        args.skip_wer, args.evaluate_only,
+        args.skip_wer, args.evaluate_only, args.seconds,
     )  # fmt: skip
     sys.stdout.write(format_summary(res) + f"\nfull results: {args.workdir / 'quality.json'}\n")
     return res

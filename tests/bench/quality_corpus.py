@@ -331,10 +331,12 @@ def build_corpus(
     base_url: str | None = None,
     transforms: tuple[str, ...] = TRANSFORMS,
     bad_kinds: tuple[str, ...] = BAD_KINDS,
+    original_seconds: float = ORIGINAL_SECONDS,
 ) -> list[VideoTruth]:
     """Generate the corpus under ``out_dir`` (files, ``truth.json``, ``inputs.csv``); return the truth.
 
-    ``transforms`` and ``bad_kinds`` are cycled through (tests pick a subset).
+    ``transforms`` and ``bad_kinds`` are cycled through (tests pick a subset). ``original_seconds``:
+    the originals' length (their sentences are placed relative to it).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,9 +354,9 @@ def build_corpus(
         tone = None if i % 5 == 3 else rng.choice(TONES_HZ)
         texts = sentences[2 * i : 2 * i + 2]
         vrng = random.Random(f"avforge-quality-{seed}-{vid}")
-        placed = render_video(out_dir / f"{vid}.mp4", kind, vrng, ORIGINAL_SECONDS, texts, voice, tone)
+        placed = render_video(out_dir / f"{vid}.mp4", kind, vrng, original_seconds, texts, voice, tone)
         truth.append(VideoTruth(
-            id=vid, file=f"{vid}.mp4", role="original", duration=ORIGINAL_SECONDS, content_id=vid, picture=kind,
+            id=vid, file=f"{vid}.mp4", role="original", duration=original_seconds, content_id=vid, picture=kind,
             voice=voice[0], tone_hz=tone, sentences=placed, title=_title_from(texts[0]),
             description=f"Narrated clip: {KIND_WORDS[kind]}, with a voice-over.",
         ))  # fmt: skip
