@@ -240,11 +240,27 @@ class _Worker:
             pass
 
 
+def list_title(row: Row) -> str | None:
+    """The LIST's own ``title`` column (any case, stray spaces ignored), which wins over the title
+    yt-dlp reports (for a direct file that is only the file's stem)."""
+    try:
+        meta = json.loads(row.get("metadata_json") or "{}")
+    except ValueError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    for key, value in meta.items():
+        if str(key).strip().lower() == "title" and isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
 class DownloadStage(Stage[DownloadConfig]):
     """Fetch URLs with yt-dlp into ``STAGING/videos``; local files are checked and used in place."""
 
     name = "download"
-    reads = ("video_id", "source_url")
+    reads = ("video_id", "source_url", "metadata_json")
+    optional_reads = ("metadata_json",)
     writes = ("local_path", "title", "video_duration")
 
     def __init__(self, config: DownloadConfig, context: StageContext | None = None) -> None:
@@ -305,7 +321,7 @@ class DownloadStage(Stage[DownloadConfig]):
                 path.unlink(missing_ok=True)
             raise
         local_path = self.staging.publish(f"videos/{path.name}") if self._staged(path) else str(path)
-        return {"local_path": local_path, "title": title, "video_duration": duration}
+        return {"local_path": local_path, "title": list_title(row) or title, "video_duration": duration}
 
     @property
     def staging(self) -> StagingArea:

@@ -149,3 +149,13 @@ def test_credentials_never_reach_errors(media_server: str, tmp_path: Path) -> No
     (res,) = _stage(tmp_path).process_batch([_row(url)])
     assert isinstance(res, StageError) and res.error_type == "not_found"
     assert "s3cret" not in str(res) and "abcdef123456" not in str(res)
+
+
+def test_the_list_title_wins_over_the_downloaded_title(media_server: str, corpus_dir: Path, tmp_path: Path) -> None:
+    stage = _stage(tmp_path)
+    titled = {**_row(f"{media_server}/sample_000.mp4"), "metadata_json": '{" Title ": "Harbour at dawn", "channel": "x"}'}
+    local = {**_row(str(corpus_dir / "sample_000.mp4"), "v2"), "metadata_json": '{"title": "Harbour at dawn"}'}
+    plain = _row(str(corpus_dir / "sample_000.mp4"), "v3")
+    broken = {**_row(str(corpus_dir / "sample_000.mp4"), "v4"), "metadata_json": "[1, 2"}
+    results = stage.process_batch([titled, local, plain, broken])
+    assert [r["title"] for r in results] == ["Harbour at dawn", "Harbour at dawn", "sample_000", "sample_000"]
