@@ -17,6 +17,14 @@ when either
 * *sparse change*: at least ``SPARSE_SHARE`` of its pixels differ from the reference by more than
   ``SPARSE_LUMA`` luma levels (or 6 noise deviations of the difference, when the picture is that
   noisy): small bright objects moving on a still background, cells of a cellular automaton; or
+* *broad change*: the mean absolute difference from the reference is at least ``BROAD_LUMA`` luma
+  levels *and* at least ``BROAD_OVER_TEXTURE`` times the reference's own contrast (its standard
+  deviation): a texture that changes everywhere at once (a scrolling cellular automaton, dense
+  particles) whose change is spatially as uncorrelated as grain, so that block averaging and the
+  noise-adapted thresholds below take it for noise. Grain and encoder noise left on a still picture
+  at analysis resolution stay far below ``BROAD_LUMA`` (5 luma levels for the heaviest still of the
+  filter bench), and grain strong enough to reach it on a detailed picture is still small next to
+  the picture's contrast; or
 * *drift*: the block-averaged (``BLOCK`` x ``BLOCK``) mean absolute difference from the reference
   exceeds ``DRIFT_OVER_NOISE`` times the clip's own noise level (at least ``MIN_DRIFT``). The
   noise level is the 90th percentile of the block-averaged change between consecutive analysis
@@ -44,6 +52,8 @@ SPARSE_LUMA = 40.0  # luma change of a pixel that is content, not noise
 SPARSE_NOISE_K = 6.0  # ... or this many noise deviations of the difference, when that is larger
 SPARSE_MAX_LUMA = 80.0  # cap of the noise-adapted sparse threshold
 SPARSE_SHARE = 0.0003  # share of changed pixels that makes a frame changed (0.03 %: a few small lights)
+BROAD_LUMA = 12.0  # mean absolute luma change no grain or encoder noise on a still picture reaches
+BROAD_OVER_TEXTURE = 0.5  # ... and this share of the reference's contrast (std): the structure itself changed
 DRIFT_OVER_NOISE = 2.0
 MIN_DRIFT = 0.5  # luma levels: below this the block-averaged change is quantisation, not motion
 KEY_SPARSE_FACTOR = 10.0
@@ -100,6 +110,12 @@ def sparse_change(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(d > threshold))
 
 
+def broad_change(a: np.ndarray, b: np.ndarray) -> bool:
+    """The picture changed everywhere: a large mean change, large next to the reference's own contrast."""
+    mean_change = float(np.abs(b - a).mean())
+    return mean_change >= BROAD_LUMA and mean_change >= BROAD_OVER_TEXTURE * float(a.std())
+
+
 def noise_level(frames: Sequence[np.ndarray]) -> float:
     """The clip's change floor: 90th percentile of consecutive block-averaged changes, capped."""
     if len(frames) < 2:
@@ -130,6 +146,7 @@ def changed_steps(frames: Sequence[np.ndarray], key_steps: Sequence[bool] | None
     for i, f in enumerate(frames[1:], start=1):
         at_key = bool(key_steps is not None and i < len(key_steps) and key_steps[i])
         changed = sparse_change(ref, f) >= SPARSE_SHARE * (KEY_SPARSE_FACTOR if at_key else 1.0)
+        changed = changed or broad_change(ref, f)
         if not changed and not at_key:
             changed = drift(ref, f) > bar
         out.append(changed)

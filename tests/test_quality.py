@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import ExtractConfig, QualityConfig
 from pipeline.stage import StageContext
-from stages._picture import BlackParams, black_ratio, changed_steps, frozen_ratio, is_black
+from stages._picture import BlackParams, black_ratio, broad_change, changed_steps, frozen_ratio, is_black
 from stages.extract import ExtractStage
 from stages.quality import QualityStage
 from tests.bench.filter_bench import CASES, clip_rows, make_case
@@ -33,6 +33,11 @@ CHECKED = {
     "slow_pan_grain": (),
     "gradient": (),
     "testsrc2": (),
+    # textures that change everywhere, as uncorrelated as grain (issue 12), and a continuous zoom
+    "cellauto_dim": (),
+    "cellauto_dim_lowq": (),
+    "cellauto_dim_2": (),
+    "mandelbrot_zoom": (),
 }
 
 
@@ -105,3 +110,22 @@ def test_frozen_is_relative_to_the_clip_noise() -> None:
     jumpy = [s + (3.0 if (k // 15) % 2 else 0.0) for k, s in enumerate(still)]
     keys = [k % 15 == 0 for k in range(30)]
     assert not any(changed_steps(jumpy, keys))
+
+
+def test_a_texture_that_changes_everywhere_is_motion_and_grain_is_not() -> None:
+    """Issue 12: a dim cellular automaton changes every pixel by ~20 levels, in a pattern as uncorrelated
+    as grain; the noise-relative rules alone read it as noise (its noise floor is its own change)."""
+    rng = np.random.default_rng(2)
+    rows = (rng.random((150, 160)) < 0.4).astype(np.float32)
+    dim = [16.0 + 40.0 * rows[3 * k : 3 * k + 120] for k in range(10)]  # scrolls 3 rows a step
+    assert frozen_ratio(dim) == 0.0
+    flicker = [16.0 + 40.0 * (rng.random((120, 160)) < 0.4).astype(np.float32) for _ in range(10)]
+    assert frozen_ratio(flicker) == 0.0  # a new random texture each step: nothing stable to be noise around
+    # grain around a stable picture stays noise, even grain far heavier than encoders leave
+    x = np.linspace(0, 6 * np.pi, 160)
+    base = 120 + 60 * np.sin(x)[None, :] * np.cos(np.linspace(0, 4 * np.pi, 120))[:, None]
+    heavy = [(base + rng.normal(0, 12, base.shape)).astype(np.float32) for _ in range(10)]
+    assert not broad_change(heavy[0], heavy[1])
+    assert frozen_ratio(heavy) == 1.0
+    light_on_black = [_frame() + rng.normal(0, 4, (120, 160)).astype(np.float32) for _ in range(10)]
+    assert frozen_ratio(light_on_black) == 1.0

@@ -19,7 +19,9 @@ filters should say:
 * slow but moving (``frozen`` must keep): pans of a fraction of a pixel per frame over a detailed
   picture (also under grain) and over colour bars, slowly rotating colour gradients (lavfi
   ``gradients`` at its default speed and slower), a slow zoom;
-* normal pictures (neither may drop): test patterns, a cellular automaton, a Mandelbrot zoom.
+* normal pictures (neither may drop): test patterns, a cellular automaton, a Mandelbrot zoom, dim
+  cellular automata whose change is everywhere and as uncorrelated as grain (also at CRF 34), a
+  continuous Mandelbrot zoom at CRF 34.
 
 For each filter it prints the false-drop rate (share of the clips that must be kept which the filter
 drops) and the miss rate (share of the clips it must drop that it keeps), with the clips behind each
@@ -64,6 +66,11 @@ _NIGHT = (
     "+160*lt(mod(X,37),3)*lt(mod(Y,29),3)*lt(Y,140)*gt(Y,40)*gt(mod(X*7+Y*3,11),7)"
     "+200*lt(hypot(X-mod(30*T,360)+20,Y-200),4)"
 )
+
+# the quality corpus' cellular automata (tests/bench/quality_corpus.py, seeds 4 and 9) and its zoom
+_CELL_DIM = "rule=45:seed=193488809:ratio=0.33,format=rgb24,colorchannelmixer=rr=0.47:gg=0.37:bb=0.58"
+_CELL_DIM_2 = "rule=18:seed=726548507:ratio=0.50,format=rgb24,colorchannelmixer=rr=0.62:gg=0.56:bb=0.4"
+_ZOOM = "maxiter=96:start_x=-0.74866:start_y=0.10847:start_scale=2.764:end_scale=0.114:end_pts=250,hue=h=253"
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,13 @@ CASES: tuple[Case, ...] = (
     Case("testsrc2", "normal", f"testsrc2=s={SIZE}:r={RATE}"),
     Case("cellauto", "normal", f"cellauto=s={SIZE}:r={RATE}:rule=110:seed=1"),
     Case("mandelbrot", "normal", f"mandelbrot=s={SIZE}:r={RATE}"),
+    # textures that change everywhere, as spatially uncorrelated as grain (issue 12: read as noise by
+    # the noise-relative rule): the quality corpus' dim cellular automata, also re-encoded at CRF 34
+    Case("cellauto_dim", "normal", f"cellauto=s={SIZE}:r={RATE}:{_CELL_DIM}"),
+    Case("cellauto_dim_lowq", "normal", f"cellauto=s={SIZE}:r={RATE}:{_CELL_DIM}", crf=34),
+    Case("cellauto_dim_2", "normal", f"cellauto=s={SIZE}:r={RATE}:{_CELL_DIM_2}"),
+    # a continuous zoom (the zoom reaches end_scale at end_pts, counted in frames)
+    Case("mandelbrot_zoom", "normal", f"mandelbrot=s={SIZE}:r={RATE}:{_ZOOM}", crf=34),
 )
 
 
