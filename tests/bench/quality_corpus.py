@@ -164,7 +164,7 @@ def picture_graph(kind: str, rng: random.Random, seconds: float) -> str:
     if kind == "mandelbrot":
         return (
             f"mandelbrot={sz}:maxiter=96:start_x={rng.uniform(-0.75, -0.74):.5f}:start_y={rng.uniform(0.1, 0.11):.5f}:"
-            f"start_scale={rng.uniform(2.0, 3.0):.3f}:end_scale={rng.uniform(0.05, 0.3):.3f}:end_pts={seconds:.0f},"
+            f"start_scale={rng.uniform(2.0, 3.0):.3f}:end_scale={rng.uniform(0.05, 0.3):.3f}:end_pts={seconds * FPS:.0f},"
             f"hue=h={rng.randrange(360)},{end}"
         )
     if kind == "image_pan":  # a still picture panned slowly (4-9 px/s): moving, if slowly
