@@ -170,18 +170,26 @@ def rows_per_task(group: list[Stage], rows: int, workers: int) -> int:
 
 
 def init_ray(config: RunConfig) -> None:
-    if ray.is_initialized():
-        return
     cfg = config.ray
     if cfg.address:
-        log.info("connecting to Ray at %s", cfg.address)
-        ray.init(address=cfg.address, log_to_driver=True)
+        if not ray.is_initialized():
+            log.info("connecting to Ray at %s", cfg.address)
+            ray.init(address=cfg.address, log_to_driver=True)
         return
     from pipeline.registry import actor_cpu_demand
 
     # every actor pool must fit at its minimum size, with a CPU left for the task stages, or a pool
     # never starts and the run waits forever: logical CPUs beyond the cores time-share them
     needed = math.ceil(actor_cpu_demand(config)) + 1
+    if ray.is_initialized():
+        have = _cluster_cpus()
+        if cfg.num_cpus or have >= needed:
+            return
+        # an in-process Ray started earlier in this process (a previous run, a notebook, a test) with
+        # too few CPUs for this run's actor pools would leave a pool pending forever: start anew
+        log.warning("the in-process Ray has %d CPUs, fewer than the %d this run's actor pools need: restarting it",
+                    int(have), needed)  # fmt: skip
+        ray.shutdown()
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, needed)
     if num_cpus < needed:
         log.warning("ray.num_cpus=%d is less than the %d the stages' actor pools need: the run may wait forever",
