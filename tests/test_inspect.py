@@ -24,7 +24,7 @@ def test_folder_summary(enriched_run: Path, capsys: pytest.CaptureFixture[str]) 
     assert f"shards: {len(shards)} tars" in text
     for reason in stats["drop_reasons"]:
         assert reason in text
-    assert "test_enrich/test_failure 1" in text
+    assert "test_enrich/internal_error 1" in text
     first_keys = [k for k, _ in iter_samples(shards[0])][:2]
     assert all(k in text for k in first_keys)
     assert text.count("      caption:    Someone says hello world") == 2
