@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import layout, storage
-from pipeline.writer import SHARD_FIELD, OutputTarget, error_part_schema
+from pipeline.writer import SHARD_FIELD, OutputTarget
 from schemas.records import Clip, ErrorRecord, arrow_schema, index_schema
 
 log = logging.getLogger(__name__)

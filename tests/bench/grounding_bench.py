@@ -44,7 +44,7 @@ from typing import Any
 
 from pipeline.config import load_config
 from pipeline.executor import apply_stage
-from stages._grounding import Support, carried_share, content_words, tokens
+from stages._grounding import Support, content_words, tokens
 from stages.fuse import FuseStage
 
 SCENARIOS = ["speech_tone", "speech_music", "visual_audio", "nonsense_transcript", "injected_metadata", "title_only", "bare"]
