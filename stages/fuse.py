@@ -420,20 +420,23 @@ class _Pending:
     grounding: dict[str, Any]
 
 
+# the clip's signals a prompt shows (fuse and judge read the same ones)
+SIGNAL_READS = (
+    "title",
+    "metadata_json",
+    "clip_start",
+    "clip_end",
+    "transcript",
+    "asr_segments",
+    "audio_tags",
+    "visual_tags",
+    "captions",
+)
+
+
 class FuseStage(LLMStage[FuseConfig]):
     name = "fuse"
-    reads = (
-        "title",
-        "metadata_json",
-        "clip_start",
-        "clip_end",
-        "transcript",
-        "asr_segments",
-        "audio_tags",
-        "visual_tags",
-        "captions",
-        "scores",
-    )
+    reads = (*SIGNAL_READS, "scores")
     # the signals are used when an earlier stage wrote them (a WavCaps rewrite needs none of them)
     optional_reads = ("transcript", "asr_segments", "audio_tags", "visual_tags", "captions", "scores")
     writes = ("captions", "caption", "scores", "llm_flags", "drop_reason")

@@ -45,7 +45,7 @@ from schemas.llm import JudgeAnswer
 from stages._grounding import GENERIC, content_words, stem
 from stages._llm import ChatRequest, ChatResult, LLMBackend, TokenLogprob
 from stages._prompts import INJECTION_FLAG, JUDGE_KIND, Outcome, Preset, Rendered, ask_structured, render, signals_from_row
-from stages.fuse import FALLBACK_MODEL, LLMStage, _caption, provenance
+from stages.fuse import FALLBACK_MODEL, SIGNAL_READS, LLMStage, _caption, provenance
 
 log = logging.getLogger(__name__)
 
@@ -190,33 +190,9 @@ def supported_flags(flags: list[str], score: float, row: Row, cfg: JudgeConfig) 
 
 class JudgeStage(LLMStage[JudgeConfig]):
     name = "judge"
-    reads = (
-        "caption",
-        "title",
-        "metadata_json",
-        "clip_start",
-        "clip_end",
-        "transcript",
-        "asr_segments",
-        "audio_tags",
-        "visual_tags",
-        "captions",
-        "llm_flags",
-        "nsfw_score",
-    )
-    optional_reads = (
-        "title",
-        "metadata_json",
-        "clip_start",
-        "clip_end",
-        "transcript",
-        "asr_segments",
-        "audio_tags",
-        "visual_tags",
-        "captions",
-        "llm_flags",
-        "nsfw_score",
-    )
+    # only the caption is required: every signal is used when an earlier stage wrote it
+    optional_reads = (*SIGNAL_READS, "llm_flags", "nsfw_score")
+    reads = ("caption", *optional_reads)
     writes = ("scores", "captions", "llm_flags", "drop_reason")
 
     def check_preset(self, preset: Preset) -> None:
