@@ -78,7 +78,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_samples(args: argparse.Namespace) -> int:
-    from pipeline.samples import generate_corpus, parse_size
+    from pipeline.tools.samples import generate_corpus, parse_size
 
     try:
         width, height = parse_size(args.size)
@@ -101,8 +101,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     """Generate samples, serve them on 127.0.0.1 (yt-dlp path), run a recipe (mmtrail: the whole
     pipeline) on them, and show what it made for a few clips."""
     from pipeline.runner import run_pipeline
-    from pipeline.samples import generate_corpus
-    from pipeline.serve import serve_directory
+    from pipeline.tools.samples import generate_corpus
+    from pipeline.tools.serve import serve_directory
 
     root = Path(args.dir).resolve()
     check_output_dir(root, "--dir")
@@ -188,11 +188,11 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import format_table, run_bench
-    from pipeline.samples import parse_size
+    from pipeline.tools.bench import format_table, run_bench
+    from pipeline.tools.samples import parse_size
 
     if args.quality:  # the quality benchmark (tests/bench/quality_bench.py): planted truth, full pipeline
-        from pipeline.bench import run_quality_bench
+        from pipeline.tools.bench import run_quality_bench
 
         workdir = Path(args.workdir or "/tmp/avforge-quality")
         _, summary = run_quality_bench(
@@ -219,7 +219,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect import describe
+    from pipeline.tools.inspect import describe
 
     print(describe(args.path, samples=args.samples, key=args.key))
     return 0
@@ -227,7 +227,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.config import ReportConfig
-    from pipeline.report import write_report
+    from pipeline.tools.report import write_report
 
     given = {"gallery_size": args.gallery, "lowest": args.lowest, "rejected": args.rejected, "seed": args.seed}
     cfg = ReportConfig(**{k: v for k, v in given.items() if v is not None})

@@ -528,7 +528,7 @@ class AgreementConfig(ModelWorkerConfig):
 
 
 class ReportConfig(Section):
-    """The caption-quality report ``OUTPUT/report/index.html`` (pipeline/report.py)."""
+    """The caption-quality report ``OUTPUT/report/index.html`` (pipeline/tools/report.py)."""
 
     enabled: bool = Field(True, description="write the report at the end of each run")
     gallery_size: int = Field(24, ge=0, description="randomly sampled kept clips in the gallery")

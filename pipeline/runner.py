@@ -288,7 +288,7 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
         shutil.rmtree(staging.root / "clips", ignore_errors=True)
     if config.report.enabled:
         try:
-            from pipeline.report import write_report
+            from pipeline.tools.report import write_report
 
             write_report(out, config.report)
             for f in sorted((out / layout.REPORT).rglob("*")):

@@ -28,7 +28,7 @@ end) are dropped, the weaker one of a close pair first. The time of a cut is the
 first frame of the new shot, in seconds from the start of the file (container ``start_time``
 subtracted, i.e. what ``ffmpeg -ss`` expects).
 
-Defaults were set on 100 synthetic videos (``pipeline.samples``, 24-30 fps, 320x180-480x270, 1-6
+Defaults were set on 100 synthetic videos (``pipeline.tools.samples``, 24-30 fps, 320x180-480x270, 1-6
 scenes with heavy motion: pans, automata, zooming fractals): with ``window=3`` the weakest true cut
 scored 3.55 and the strongest non-cut 2.44, so ``threshold=3.0`` sits in the middle of the gap;
 the weakest cut had ``pixel`` 12.9 and no non-cut passing the ratio rule exceeded 5.0, so

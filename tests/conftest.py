@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three short generated videos with speech and cuts (manifest.jsonl beside them)."""
-    from pipeline.samples import generate_corpus
+    from pipeline.tools.samples import generate_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root, count=3, seed=7, duration=8.0)
@@ -27,7 +27,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bad_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipeline.samples import make_bad_inputs
+    from pipeline.tools.samples import make_bad_inputs
 
     root = tmp_path_factory.mktemp("bad")
     make_bad_inputs(root)
@@ -37,7 +37,7 @@ def bad_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def media_server(corpus_dir: Path, bad_dir: Path) -> Iterator[str]:
     """Serves the corpus at /, the bad inputs at /bad/, plus canned 403/429/500 answers."""
-    from pipeline.serve import Route, serve_directory
+    from pipeline.tools.serve import Route, serve_directory
 
     (corpus_dir / "bad").mkdir(exist_ok=True)
     for p in bad_dir.iterdir():

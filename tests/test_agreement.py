@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import AgreementConfig, RunConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_speech_wav
+from pipeline.tools.samples import synth_speech_wav
 from stages._clap import ClapScorer, ClipScorer, label_text
 from stages._vad import load_audio
 from stages.agreement import AgreementStage, CaptionSelectStage, choose_caption

@@ -20,7 +20,7 @@ import pytest
 from pipeline.config import AsrConfig, RunConfig
 from pipeline.errors import ConfigError
 from pipeline.executor import apply_stage
-from pipeline.samples import synth_speech_wav, synth_video
+from pipeline.tools.samples import synth_speech_wav, synth_video
 from schemas.records import Segment
 from stages._hallucination import judge, longest_repeat, normalize
 from stages._vad import SileroVad, load_audio

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from pipeline.config import AudioCaptionConfig, LLMBackendConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_speech_wav
+from pipeline.tools.samples import synth_speech_wav
 from stages._clap import ClapScorer
 from stages._prompts import load_preset
 from stages._vad import load_audio

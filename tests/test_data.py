@@ -1,4 +1,4 @@
-"""The training loader (pipeline/data.py) on real runs of the pipeline over generated media.
+"""The training loader (pipeline/tools/loader.py) on real runs of the pipeline over generated media.
 
 The runs here (``make_run``, behind the session fixtures ``plain_run`` and ``enriched_run`` in
 conftest.py) are shared with tests/test_inspect.py and tests/test_report.py:
@@ -27,13 +27,13 @@ from PIL import Image
 from pipeline.config import QualityConfig, load_config
 from pipeline.errors import StageError
 from pipeline.runner import run_pipeline
-from pipeline.samples import generate_corpus
+from pipeline.tools.samples import generate_corpus
 from pipeline.stage import Resources, Row, Stage
 from schemas.records import shard_json
 
 torch = pytest.importorskip("torch")
 
-from pipeline.data import (  # noqa: E402 - after the torch check
+from pipeline.tools.loader import (  # noqa: E402 - after the torch check
     collate_clips,
     decode_audio,
     hf_features,
@@ -351,7 +351,7 @@ def test_batches_with_padding_collate(enriched_run: Path) -> None:
 
 def test_remote_output_over_http(enriched_run: Path, tmp_path: Path) -> None:
     """An output folder behind a URL: index via fsspec, shards via webdataset, wids via its cache."""
-    from pipeline.serve import serve_directory
+    from pipeline.tools.serve import serve_directory
 
     index = read_index(enriched_run)
     with serve_directory(enriched_run.parent) as base:

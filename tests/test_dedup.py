@@ -27,7 +27,7 @@ import pytest
 
 from pipeline.config import DedupConfig, RunConfig
 from pipeline.runner import run_pipeline
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from stages.dedup import (
     AlignedMatches,
     CodeSet,

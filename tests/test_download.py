@@ -111,7 +111,7 @@ def test_private_addresses_are_refused_by_default(media_server: str, tmp_path: P
 
 def test_redirect_to_loopback_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
     """The first hop (127.0.0.2) is allowed by config; its redirect to 127.0.0.1 is not."""
-    from pipeline.serve import Route, serve_directory
+    from pipeline.tools.serve import Route, serve_directory
 
     with serve_directory(corpus_dir) as target:
         routes = {"/hop.mp4": Route(302, b"", {"Location": f"{target}/sample_000.mp4"})}
@@ -125,7 +125,7 @@ def test_redirect_to_loopback_is_refused(corpus_dir: Path, tmp_path: Path) -> No
 
 
 def test_endless_stream_is_cut_at_the_size_cap(tmp_path: Path, corpus_dir: Path) -> None:
-    from pipeline.serve import Route, serve_directory
+    from pipeline.tools.serve import Route, serve_directory
 
     routes = {"/live.mp4": Route(200, b"\0" * 65536, {"Content-Type": "video/mp4"}, endless=True)}
     with serve_directory(corpus_dir, routes) as base:

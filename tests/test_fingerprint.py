@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import ExtractConfig, FingerprintConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from pipeline.stage import StageContext
 from stages.extract import ExtractStage
 from stages.fingerprint import (
@@ -230,7 +230,7 @@ def test_tone_hum_and_silence_give_no_audio_codes(tmp_path: Path) -> None:
 
 
 def test_speech_gives_timed_codes(tmp_path: Path) -> None:
-    from pipeline.samples import synth_speech_wav
+    from pipeline.tools.samples import synth_speech_wav
 
     wav = tmp_path / "speech.wav"
     synth_speech_wav(wav, "The old captain carried a wooden boat before the storm.")

@@ -241,7 +241,7 @@ def test_pipeline_with_the_offline_llm_fuse_and_judge(tmp_path: Path) -> None:
     import csv
 
     from pipeline.runner import run_pipeline
-    from pipeline.samples import synth_video
+    from pipeline.tools.samples import synth_video
 
     video = tmp_path / "clip_0003.mp4"
     synth_video(video, duration=6.0, n_scenes=2, seed=3, music=True, speech=["Welcome to the street concert."])
@@ -348,7 +348,7 @@ def test_fuse_as_a_ray_actor(tmp_path: Path) -> None:
     """The fuse stage as a Ray actor (the offline LLM loaded once in the actor), results through Arrow to the sink."""
     from pipeline.config import load_config
     from pipeline.runner import run_pipeline
-    from pipeline.samples import synth_video
+    from pipeline.tools.samples import synth_video
 
     video = tmp_path / "rain_on_a_window.mp4"
     synth_video(video, duration=4.0, n_scenes=1, seed=5, speech=["It is raining again."])

@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import DownloadConfig
 from pipeline.errors import StageError
-from pipeline.serve import Route, serve_directory
+from pipeline.tools.serve import Route, serve_directory
 from pipeline.stage import StageContext
 from stages.download import DownloadStage, parse_retry_after
 

@@ -1,4 +1,4 @@
-"""``avforge inspect`` (pipeline/inspect.py) on a real enriched run."""
+"""``avforge inspect`` (pipeline/tools/inspect.py) on a real enriched run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import AvforgeError
-from pipeline.inspect import describe, iter_samples
+from pipeline.tools.inspect import describe, iter_samples
 
 
 def test_folder_summary(enriched_run: Path, capsys: pytest.CaptureFixture[str]) -> None:

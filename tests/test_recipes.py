@@ -91,7 +91,7 @@ def test_run_without_a_recipe_is_mmtrail(tmp_path: Path, capsys: pytest.CaptureF
 def recipe_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two short generated videos (spoken sentences over a hum or a melody, 5 and 9 s), listed with
     web-style metadata (a WavCaps rewrite lives on it)."""
-    from pipeline.samples import generate_corpus
+    from pipeline.tools.samples import generate_corpus
 
     root = tmp_path_factory.mktemp("recipes")
     videos = generate_corpus(root / "corpus", count=2, seed=3, duration=6.0)

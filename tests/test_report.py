@@ -1,4 +1,4 @@
-"""The HTML report (pipeline/report.py) on real runs, opened in headless Chromium.
+"""The HTML report (pipeline/tools/report.py) on real runs, opened in headless Chromium.
 
 Chromium (Debian's ``chromium`` package) is started by the test with a fresh profile and driven
 over the DevTools protocol (websocket-client): the page must load from disk with no console
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ReportConfig
-from pipeline.report import load_run, opus_data_uri, write_report
+from pipeline.tools.report import load_run, opus_data_uri, write_report
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PLOT_IDS = (
@@ -251,8 +251,8 @@ def test_report_tolerates_a_partial_folder(tmp_path: Path, enriched_run: Path) -
 
 
 def test_opus_audio_is_small_and_decodable(enriched_run: Path) -> None:
-    from pipeline.data import decode_audio
-    from pipeline.inspect import iter_samples
+    from pipeline.tools.loader import decode_audio
+    from pipeline.tools.inspect import iter_samples
 
     shard = sorted((enriched_run / "shards").glob("*.tar"))[0]
     key, members = next(iter_samples(shard))

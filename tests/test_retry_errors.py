@@ -22,7 +22,7 @@ import pytest
 from pipeline.config import QualityConfig, load_config
 from pipeline.errors import StageError
 from pipeline.runner import run_pipeline
-from pipeline.serve import Route, serve_directory
+from pipeline.tools.serve import Route, serve_directory
 from pipeline.stage import Row, Stage
 
 FLAKY: dict[str, bool] = {"on": False}

@@ -1,4 +1,4 @@
-"""Tests for pipeline.samples: synthetic media with known ground truth."""
+"""Tests for pipeline.tools.samples: synthetic media with known ground truth."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline import samples
-from pipeline.samples import SampleVideo, generate_corpus, make_bad_inputs, synth_speech_wav, synth_video
+from pipeline.tools import samples
+from pipeline.tools.samples import SampleVideo, generate_corpus, make_bad_inputs, synth_speech_wav, synth_video
 
 
 def _probe(path: Path) -> dict:

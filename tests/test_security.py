@@ -46,7 +46,7 @@ def test_secrets_stay_out_of_outputs_and_logs(media_server: str, tmp_path: Path,
     cfg = load_config(None, ["download.allow_private_addresses=true"])
     run_pipeline(f, out, cfg, backend="sequential")
     blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "pipeline.serve")  # not the "remote" server
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name != "pipeline.tools.serve")  # not the "remote" server
     for secret in (b"hunter2pass", b"tok123secret", b"sig987secret"):
         assert not any(secret in b for b in blobs), secret
         assert secret.decode() not in ours

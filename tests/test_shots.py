@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.samples import SampleVideo, synth_video
+from pipeline.tools.samples import SampleVideo, synth_video
 from stages._shots import detect_shot_boundaries, frame_difference_profile, pick_cuts
 from tests.bench.shot_accuracy import Match, make_benchmark_videos, match_cuts
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import SplitConfig
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from stages._speech import TimedWord, speech_windows
 from stages.split import SplitStage, fixed_windows
 

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import SplitConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_speech_wav
+from pipeline.tools.samples import synth_speech_wav
 from stages.split import SplitStage, fixed_windows, shot_windows, snap_windows
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import TextEmbedConfig, load_config
 from pipeline.runner import run_pipeline
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from stages.text_embed import TextEmbedStage, default_model_path, text_of
 from stages.visual_caption import save_tiny_blip
 from stages.visual_tags import save_tiny_clip

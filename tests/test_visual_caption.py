@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import LLMBackendConfig, VisualCaptionConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from stages.visual_caption import VisualCaptionStage, save_tiny_blip
 from tests.test_visual_quality import extract_rows
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.config import ExtractConfig, QualityConfig, VisualQualityConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from pipeline.stage import StageContext
 from stages.extract import ExtractStage
 from stages.quality import QualityStage

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import VisualTagsConfig
 from pipeline.errors import StageError
-from pipeline.samples import synth_video
+from pipeline.tools.samples import synth_video
 from stages.visual_tags import VisualTagStage, load_labels, pick_evenly, save_tiny_clip
 from tests.test_visual_quality import extract_rows
 

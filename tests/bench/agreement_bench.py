@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 from pipeline.config import AgreementConfig  # noqa: E402
-from pipeline.samples import synth_speech_wav  # noqa: E402
+from pipeline.tools.samples import synth_speech_wav  # noqa: E402
 from stages._vad import load_audio  # noqa: E402
 from stages.agreement import AgreementStage  # noqa: E402
 from stages.visual_tags import save_tiny_clip  # noqa: E402

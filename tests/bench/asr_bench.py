@@ -6,7 +6,7 @@ Run from the repository root::
     python -m tests.bench.asr_bench                     # 6 videos x 20 s, report to stdout
     python -m tests.bench.asr_bench -n 10 --duration 30 --json asr.json
 
-Media: :func:`pipeline.samples.generate_corpus` videos (espeak-ng sentences over a noise bed or
+Media: :func:`pipeline.tools.samples.generate_corpus` videos (espeak-ng sentences over a noise bed or
 music, known transcripts). The pipeline (download, split, extract, asr; sequential runner, fixed
 10 s clips) writes the clips' 16 kHz FLAC files, which every measurement below then reads:
 
@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from pipeline.config import AsrConfig, load_config  # noqa: E402
 from pipeline.executor import apply_stage  # noqa: E402
 from pipeline.runner import run_pipeline  # noqa: E402
-from pipeline.samples import generate_corpus  # noqa: E402
+from pipeline.tools.samples import generate_corpus  # noqa: E402
 from stages._hallucination import normalize  # noqa: E402
 from stages._vad import SAMPLE_RATE, SileroVad, load_audio  # noqa: E402
 from stages._whisper import pick_threads, resolve_model, transcribe_audios  # noqa: E402

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import DownloadConfig
-from pipeline.samples import generate_corpus
-from pipeline.serve import serve_directory
+from pipeline.tools.samples import generate_corpus
+from pipeline.tools.serve import serve_directory
 from pipeline.stage import StageContext
 from stages.download import DownloadStage, _Worker
 

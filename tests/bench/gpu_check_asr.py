@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import numpy as np  # noqa: E402
 
 from pipeline.config import AsrConfig  # noqa: E402
-from pipeline.samples import synth_speech_wav  # noqa: E402
+from pipeline.tools.samples import synth_speech_wav  # noqa: E402
 from stages._vad import load_audio  # noqa: E402
 from stages._whisper import (  # noqa: E402
     FasterWhisperEngine,

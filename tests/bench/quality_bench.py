@@ -140,7 +140,7 @@ def run_pipeline_on(corpus: Path, truth: list[VideoTruth], seed: int, out: Path,
     """Serve the corpus on loopback, write the CSV LIST, run the pipeline into ``out``."""
     from pipeline.config import dump_config
     from pipeline.runner import run_pipeline
-    from pipeline.serve import serve_directory
+    from pipeline.tools.serve import serve_directory
 
     config = pipeline_config(overrides)
     shutil.rmtree(out, ignore_errors=True)

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.samples import SENTENCES
+from pipeline.tools.samples import SENTENCES
 
 log = logging.getLogger(__name__)
 

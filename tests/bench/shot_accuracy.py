@@ -7,7 +7,7 @@ Run from the repository root::
     python tests/bench/shot_accuracy.py --size 1280x720  # speed at a larger size
     python -m tests.bench.shot_accuracy --degrade        # grain + heavy compression
 
-Videos come from :func:`pipeline.samples.synth_video` (1-6 scenes, 6-14 s, 24/25/29.97/30 fps,
+Videos come from :func:`pipeline.tools.samples.synth_video` (1-6 scenes, 6-14 s, 24/25/29.97/30 fps,
 320x180 to 640x360 unless ``--size``, scenes with heavy motion), so cut times are frame-exact.
 A detected cut matches a true cut within ``--tolerance`` seconds (one-to-one, nearest first).
 Reports precision, recall, F1, mean absolute timing error and analysis speed (frames/s of the
@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline.samples import SampleVideo, synth_video  # noqa: E402
+from pipeline.tools.samples import SampleVideo, synth_video  # noqa: E402
 from stages._shots import detect_shot_boundaries  # noqa: E402
 
 logger = logging.getLogger("shot_accuracy")

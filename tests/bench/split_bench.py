@@ -5,7 +5,7 @@ Run from the repository root::
     python -m tests.bench.split_bench                    # 6 videos of ~30 s, Whisper base, stdout
     python -m tests.bench.split_bench -n 10 --duration 40 --json split.json
 
-Media: :func:`pipeline.samples.generate_corpus` videos (espeak-ng sentences at known times over a
+Media: :func:`pipeline.tools.samples.generate_corpus` videos (espeak-ng sentences at known times over a
 noise/hum bed or a melody, known transcripts). For each setting the split stage (``fixed`` mode,
 ``clip_seconds``) cuts every video, the extract stage writes the clips' 16 kHz audio and the ASR
 stage transcribes each clip; the clip transcripts of a video, joined in order, are scored against
@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import AsrConfig, ExtractConfig, SplitConfig  # noqa: E402
-from pipeline.samples import generate_corpus  # noqa: E402
+from pipeline.tools.samples import generate_corpus  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
 from stages._vad import SAMPLE_RATE, SileroVad, load_audio  # noqa: E402
 from stages._whisper import transcribe_audios  # noqa: E402

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipeline.config import ExtractConfig, VisualQualityConfig, VisualTagsConfig  # noqa: E402
-from pipeline.samples import synth_video  # noqa: E402
+from pipeline.tools.samples import synth_video  # noqa: E402
 from pipeline.stage import StageContext  # noqa: E402
 from stages.extract import ExtractStage  # noqa: E402
 from stages.visual_quality import VisualQualityStage  # noqa: E402

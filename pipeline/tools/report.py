@@ -577,7 +577,7 @@ def render_card(card: Card) -> str:
 
 
 def _asset(name: str) -> str:
-    return (resources.files("pipeline") / "report_assets" / name).read_text(encoding="utf-8")
+    return (resources.files("pipeline.tools") / "report_assets" / name).read_text(encoding="utf-8")
 
 
 def _kpi(value: str, label: str) -> str:

@@ -26,8 +26,8 @@ import psutil
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from pipeline.samples import generate_corpus
-from pipeline.serve import serve_directory
+from pipeline.tools.samples import generate_corpus
+from pipeline.tools.serve import serve_directory
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def run_bench(
     size: tuple[int, int] = (1280, 720),
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    from pipeline.report import write_report
+    from pipeline.tools.report import write_report
 
     scales = scales or [1, 4]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ def run_quality_bench(workdir: Path, **options: Any) -> tuple[dict[str, Any], st
     and a printable summary. Needs a source checkout (the benchmark lives beside the tests)."""
     import sys
 
-    root = Path(__file__).resolve().parents[1]  # a source checkout (editable install) holds tests/ here
+    root = Path(__file__).resolve().parents[2]  # a source checkout (editable install) holds tests/ here
     if (root / "tests" / "bench" / "quality_bench.py").exists() and str(root) not in sys.path:
         sys.path.insert(0, str(root))
     try:

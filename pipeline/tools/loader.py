@@ -9,7 +9,7 @@ an object-store / HTTP URL (read through fsspec and webdataset's ``gopen``).
 Streaming, for training (a ``torch.utils.data.IterableDataset``)::
 
     from torch.utils.data import DataLoader
-    from pipeline.data import load_shards, query_index
+    from pipeline.tools.loader import load_shards, query_index
 
     picked = query_index("out/", languages=["en"], min_duration=3.0, audio_tags=["Speech"],
                          min_scores={"caption_quality": 0.5})
@@ -34,7 +34,7 @@ Hugging Face ``datasets`` (the "webdataset" builder; audio stays FLAC bytes, sin
 ``Audio`` feature needs torchcodec; decode it with :func:`decode_audio`)::
 
     from datasets import load_dataset
-    from pipeline.data import hf_features, shard_urls
+    from pipeline.tools.loader import hf_features, shard_urls
 
     ds = load_dataset("webdataset", data_files={"train": shard_urls("out/")},
                       features=hf_features("out/"), split="train")  # or streaming=True
