@@ -71,7 +71,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             example = report["examples"].get(outcome)
             print(f"  {outcome:<28} {n:>8}" + (f"   e.g. {example}" if example else ""))
         return 0
-    summary = run_pipeline(args.input, args.output, config, backend=args.backend, retry_errors=args.retry_errors)
+    if args.dedup_against and "dedup" not in config.stages:
+        raise ConfigError("--dedup-against needs the dedup stage in stages")
+    summary = run_pipeline(args.input, args.output, config, backend=args.backend, retry_errors=args.retry_errors,
+                           dedup_against=args.dedup_against or ())  # fmt: skip
     print("\n".join(["", "avforge run finished", *summary.lines()]))
     print(f"shards:      {summary.output / 'shards'}  (open with webdataset: see README 'Reading the output')")
     return 0
@@ -262,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate config and inputs, process nothing")
     run.add_argument("--retry-errors", action="store_true",
                      help="also retry inputs that failed transiently (rate limits, timeouts, 5xx) in earlier runs")
+    run.add_argument("--dedup-against", nargs="+", metavar="DIR", default=[],
+                     help="earlier outputs (local or object store): new clips that repeat their clips are dropped as "
+                     "duplicate_of the earlier key; those outputs are never modified")
     run.set_defaults(func=_cmd_run)
 
     samples = sub.add_parser("samples", help="generate a small synthetic corpus (videos + true transcripts and cuts)")

@@ -102,29 +102,38 @@ def _log_error(stage: Stage, row: Row, fields: dict[str, Any]) -> None:
     )
 
 
-def _call_all(stage: Stage, rows: list[Row]) -> list[Any]:
-    """A global phase cannot be split row by row: a failure marks every row it saw."""
-    try:
-        results = stage.process_all(rows)
-        _check(stage, rows, results)
-        return results
-    except Exception as exc:  # noqa: BLE001
-        log.error("global stage %s failed: %s", stage.name, exc)
-        return [exc] * len(rows)
-
-
 def apply_stage(stage: Stage, rows: list[Row]) -> list[Row]:
-    """Run ``stage`` on ``rows``; failed and dropped rows pass through untouched.
-
-    A ``global_phase`` stage gets all ``rows`` in one ``process_all`` call.
-    """
+    """Run ``stage`` on ``rows``; failed and dropped rows pass through untouched."""
     active = [r for r in rows if _is_active(stage, r)]
     out: list[Row] = [r for r in rows if not _is_active(stage, r)]
     if not active:
         return out
     started = time.perf_counter()
-    results = _call_all(stage, active) if stage.global_phase else _call(stage, active)
-    share = (time.perf_counter() - started) / len(active)
+    results = _call(stage, active)
+    return out + _merge(stage, active, results, time.perf_counter() - started)
+
+
+def apply_global(stage: Stage, partition: int, rows: list[Row]) -> list[Row]:
+    """A global phase's decisions (``Stage.apply_partition``) applied to one partition's rows; if
+    they cannot be read, every row fails with the stage's error (the rest of the run goes on)."""
+    active = [r for r in rows if _is_active(stage, r)]
+    out: list[Row] = [r for r in rows if not _is_active(stage, r)]
+    if not active:
+        return out
+    started = time.perf_counter()
+    try:
+        results = stage.apply_partition(partition, active)
+        _check(stage, active, results)
+    except Exception as exc:  # noqa: BLE001 - a failed decision read becomes data
+        log.error("global stage %s: partition %d failed: %s", stage.name, partition, exc)
+        results = [exc] * len(active)
+    return out + _merge(stage, active, results, time.perf_counter() - started)
+
+
+def _merge(stage: Stage, active: list[Row], results: list[Any], seconds: float) -> list[Row]:
+    """Each active row with its result applied: an update, a fan-out's children, or an error."""
+    out: list[Row] = []
+    share = seconds / len(active)
     for row, result in zip(active, results, strict=True):
         timed = dict(row)
         timed["timings"] = list(row.get("timings") or []) + [{"stage": stage.name, "seconds": share}]

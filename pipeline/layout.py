@@ -6,8 +6,11 @@ Under ``OUTPUT``::
     shards/{partition:06d}-{digest}.parquet  the sidecar index of that shard (same rows, same order)
     _parts/rejects-{partition:06d}-{digest}.parquet, _parts/errors-{partition:06d}-{digest}.parquet
                                              rejects and errors, written by the same worker
+    signals/{partition:06d}-{digest}.parquet  what a global phase (dedup) decided on, per clip that
+                                             reached it (written by a worker; kept for later runs:
+                                             ``avforge run --dedup-against``)
     _markers/{partition:06d}.json            completion marker of one input partition (the driver's
-                                             commit): its shards, parts and aggregate counts
+                                             commit): its shards, parts, signals and counts
     _tmp/                                    writers' files in progress (local outputs only)
     index.parquet, rejects.parquet, errors.parquet   streamed from the committed files at the end
     stats.json, config.yaml, report/
@@ -25,6 +28,7 @@ import hashlib
 from collections.abc import Iterable
 
 SHARDS = "shards"
+SIGNALS = "signals"
 PARTS = "_parts"
 MARKERS = "_markers"
 TMP = "_tmp"
@@ -68,6 +72,11 @@ def shard_stem(partition: int, keys: Iterable[str]) -> str:
 def part_name(kind: str, partition: int, keys: Iterable[str]) -> str:
     """``rejects-…`` or ``errors-…`` part file name (under ``_parts/``)."""
     return f"{kind}-{partition:06d}-{digest(keys)}{SIDECAR}"
+
+
+def phase_file_name(partition: int, phase: int, keys: Iterable[str]) -> str:
+    """A staged-rows or signals file of one partition's rows reaching global phase ``phase``."""
+    return f"{partition:06d}-{digest([f'phase {phase}', *keys])}{SIDECAR}"
 
 
 def partition_of_name(name: str) -> int | None:

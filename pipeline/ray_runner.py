@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +30,8 @@ import pyarrow as pa
 from pipeline.config import RunConfig
 from pipeline.executor import apply_stage
 from pipeline.stage import Row, Stage
-from pipeline.writer import ShardWriter
+from pipeline.blocks import InputBlock
+from pipeline.writer import PhaseWriter, ShardWriter
 from schemas.records import Video, arrow_schema, to_table
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ for _k, _v in RAY_ENV.items():
     os.environ.setdefault(_k, _v)
 
 import ray  # noqa: E402
+
+Writer = ShardWriter | PhaseWriter
 
 # A fused group of task stages gets enough rows per task for about this many tasks per worker.
 TASKS_PER_WORKER = 4
@@ -120,14 +123,14 @@ def _manifests(manifests: list[dict[str, Any]]) -> pa.Table:
     return pa.table({"manifest": pa.array([json.dumps(m) for m in manifests], pa.string())})
 
 
-def _run_task(table: pa.Table, stages: list[Stage], writer: ShardWriter | None = None) -> pa.Table:
+def _run_task(table: pa.Table, stages: list[Stage], writer: Writer | None = None) -> pa.Table:
     rows = apply_group([_ready(s) for s in stages], table.to_pylist())
     if writer is None:
         return to_table(rows)
     return _manifests(writer.write(rows))
 
 
-def _write_task(table: pa.Table, writer: ShardWriter) -> pa.Table:
+def _write_task(table: pa.Table, writer: Writer) -> pa.Table:
     return _manifests(writer.write(table.to_pylist()))
 
 
@@ -218,60 +221,34 @@ def input_schema() -> pa.Schema:
     return schema
 
 
-class _InputBlocks:
-    """The LIST's partitions as a Ray Data source: the driver puts each block into the object store
-    as it reads the LIST and keeps only the references; a read task on a worker fetches its block.
-    (``ray.data.from_arrow_refs`` would run one metadata task per block before anything starts.)"""
-
-    def __init__(self) -> None:
-        self.refs: list[tuple[Any, int, int]] = []  # (object ref, rows, bytes)
-        self.rows = 0
-
-    def add(self, rows: list[Row]) -> None:
-        if any(r.get("key") for r in rows):  # clips, after a global phase (dedup): keep every column
-            table = to_table(rows)
-        else:
-            table = pa.Table.from_pylist(rows, schema=input_schema())  # narrow: a Clip table costs ~1 ms a row
-        self.refs.append((ray.put(table), table.num_rows, table.nbytes))
-        self.rows += table.num_rows
-
-    def datasource(self) -> Any:
-        from ray.data.block import BlockMetadata
-        from ray.data.datasource import Datasource, ReadTask
-
-        refs = self.refs
-
-        def fetch(ref: Any) -> list[pa.Table]:
-            return [ray.get(ref)]
-
-        class Source(Datasource):  # type: ignore[misc]
-            def get_name(self) -> str:
-                return "AvforgeInputs"
-
-            def estimate_inmemory_data_size(self) -> int:
-                return sum(b for _, _, b in refs)
-
-            def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[Any]:
-                return [
-                    ReadTask(functools.partial(fetch, ref), BlockMetadata(num_rows=n, size_bytes=b, input_files=None, exec_stats=None))
-                    for ref, n, b in refs
-                ]
-
-        return Source()
+def _read_block(block: InputBlock) -> list[pa.Table]:
+    """A read task on a worker: the block's rows as one Arrow table (input rows keep the narrow
+    input schema: a Clip table costs ~1 ms a row)."""
+    rows = block.read()
+    if any(r.get("key") for r in rows):  # clips (after a global phase): every column
+        return [to_table(rows)]
+    return [pa.Table.from_pylist(rows, schema=input_schema())]
 
 
-def _input_blocks(chunks: Iterable[tuple[int, list[Row]]], block_rows: int) -> _InputBlocks:
-    """Whole input partitions grouped into blocks of about ``block_rows`` rows."""
-    blocks = _InputBlocks()
-    pending: list[Row] = []
-    for _, part in chunks:
-        pending += part
-        if len(pending) >= block_rows:
-            blocks.add(pending)
-            pending = []
-    if pending:
-        blocks.add(pending)
-    return blocks
+def _datasource(blocks: list[InputBlock]) -> Any:
+    """The blocks as a Ray Data source: one read task per block, run on a worker."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class Source(Datasource):  # type: ignore[misc]
+        def get_name(self) -> str:
+            return "AvforgeInputs"
+
+        def estimate_inmemory_data_size(self) -> int:  # a rough 4 KB a row: only Ray's planning uses it
+            return sum(b.rows for b in blocks) * 4096
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None) -> list[Any]:
+            return [
+                ReadTask(functools.partial(_read_block, b), BlockMetadata(num_rows=b.rows, size_bytes=b.rows * 4096, input_files=None, exec_stats=None))
+                for b in blocks
+            ]
+
+    return Source()
 
 
 def _actor_pool(stage: Stage, config: RunConfig) -> Any:
@@ -284,21 +261,18 @@ def _actor_pool(stage: Stage, config: RunConfig) -> Any:
     return ActorPoolStrategy(min_size=low, max_size=high)
 
 
-def build_dataset(
-    stages: list[Stage], chunks: Iterable[tuple[int, list[Row]]], config: RunConfig, writer: ShardWriter | None = None
-) -> Any:
-    """The Ray Data plan: input blocks per partition, fused task groups and actor pools, and the
-    writer in the last task (fused into the last task group when that group is stateless)."""
+def build_dataset(stages: list[Stage], blocks: list[InputBlock], config: RunConfig, writer: Writer) -> Any:
+    """The Ray Data plan: one read task per input block, fused task groups and actor pools, and
+    the writer in the last task (fused into the last task group when that group is stateless)."""
     import ray.data
     from ray.data import TaskPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = config.ray.progress_bars
-    blocks = _input_blocks(chunks, config.ray.input_block_rows)
-    if not blocks.refs:
+    if not blocks:
         return None
-    n_rows = blocks.rows
-    ds = ray.data.read_datasource(blocks.datasource(), override_num_blocks=len(blocks.refs))
+    n_rows = sum(b.rows for b in blocks)
+    ds = ray.data.read_datasource(_datasource(blocks), override_num_blocks=len(blocks))
     workers = config.ray.workers_per_cpu_stage or max(1, int(_cluster_cpus()))
     groups = fuse_stages(stages)
     for n, group in enumerate(groups):
@@ -328,7 +302,7 @@ def build_dataset(
                 batch_size=rows_per_task(group, n_rows, workers),
                 batch_format="pyarrow",
             )
-    if writer is not None and (not groups or groups[-1][0].stateful):
+    if not groups or groups[-1][0].stateful:
         ds = ds.map_batches(
             _write_task,
             fn_kwargs={"writer": writer},
@@ -340,20 +314,40 @@ def build_dataset(
     return ds
 
 
-def run_on_ray(
-    stages: list[Stage], chunks: Iterable[tuple[int, list[Row]]], config: RunConfig, writer: ShardWriter | None = None
-) -> Iterator[Any]:
-    """With a writer: the workers write, and the driver gets each task's manifests (dicts).
-    Without one (before a global phase): the finished rows, as Ray Data produces them."""
+def _map_call(payload: Any, row: dict[str, Any]) -> dict[str, Any]:
+    import pickle
+
+    fn, items = ray.get(payload)
+    return {"id": row["id"], "out": pickle.dumps(fn(items[row["id"]]))}
+
+
+def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], cpus: float = 1.0) -> list[Any]:
+    """``[fn(item) for item in items]``, each call a Ray Data task on the workers (the ``MapFn`` of
+    a global phase's ``decide``). ``fn`` and ``items`` travel once, through the object store; the
+    results (small: file names, counts) come back to the driver in order."""
+    import pickle
+
+    import ray.data
+
+    if not items:
+        return []
+    payload = ray.put((fn, list(items)))
+    ds = ray.data.range(len(items), override_num_blocks=len(items))
+    ds = ds.map(functools.partial(_map_call, payload), num_cpus=cpus)
+    out: dict[int, Any] = {}
+    for row in ds.iter_rows():
+        out[int(row["id"])] = pickle.loads(row["out"])
+    return [out[i] for i in range(len(items))]
+
+
+def run_on_ray(stages: list[Stage], blocks: Iterable[InputBlock], config: RunConfig, writer: Writer) -> Iterator[dict[str, Any]]:
+    """Read the blocks on the workers, run the stages, write there; the driver gets each task's
+    manifests (small dicts: file names and counts), never rows."""
     init_ray(config)
-    ds = build_dataset(stages, chunks, config, writer)
+    ds = build_dataset(stages, list(blocks), config, writer)
     if ds is None:
         return
-    if writer is None:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            yield batch.to_pylist()
-    else:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for text in batch.column("manifest").to_pylist():
-                yield json.loads(text)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for text in batch.column("manifest").to_pylist():
+            yield json.loads(text)
     log.debug("Ray Data stats:\n%s", ds.stats())

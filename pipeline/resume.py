@@ -68,7 +68,7 @@ def write_marker(target: OutputTarget, marker: dict[str, Any]) -> None:
 
 
 def remove_uncommitted(target: OutputTarget) -> int:
-    """Delete files under shards/ and _parts/ that no marker names, and the writers' temp folder."""
+    """Delete files under shards/, _parts/ and signals/ that no marker names, and the writers' temp folder."""
     named: set[str] = set()
     for m in iter_markers(target):
         for s in m["shards"]:
@@ -76,8 +76,9 @@ def remove_uncommitted(target: OutputTarget) -> int:
             named.add(s["name"] + layout.SIDECAR)
         named.update(m["rejects"])
         named.update(m["errors"])
+        named.update(m.get("signals", []))
     removed = 0
-    for sub in (layout.SHARDS, layout.PARTS):
+    for sub in (layout.SHARDS, layout.PARTS, layout.SIGNALS):
         for uri in storage.listdir(target.path(sub)):
             name = uri.rsplit("/", 1)[-1]
             if name not in named:
@@ -90,6 +91,28 @@ def remove_uncommitted(target: OutputTarget) -> int:
     if not target.remote:
         shutil.rmtree(Path(target.uri) / layout.TMP, ignore_errors=True)
     return removed
+
+
+@dataclass(frozen=True)
+class AgainstPartition:
+    """One committed partition of an earlier output, for a global phase's ``decide``: its signal
+    files and its rejects parts (to tell the clips it shipped or filtered later from its duplicates)."""
+
+    partition: int
+    signals: list[str]
+    rejects: list[str]
+
+
+def committed_dataset(uri: str) -> Iterator[AgainstPartition]:
+    """The committed partitions of the output at ``uri`` that carry signals (read from its markers)."""
+    target = OutputTarget(uri)
+    for m in iter_markers(target):
+        if m.get("signals"):
+            yield AgainstPartition(
+                int(m["partition"]),
+                [target.path(layout.SIGNALS, n) for n in m["signals"]],
+                [target.path(layout.PARTS, n) for n in m["rejects"]],
+            )
 
 
 # ---------------------------------------------------------------------- retry of transient errors
@@ -150,6 +173,7 @@ class _Open:
     shards: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
     drop_reasons: Counter[str] = field(default_factory=Counter)
     error_types: Counter[str] = field(default_factory=Counter)
@@ -236,6 +260,10 @@ class Committer:
                 self.counts["keep"], self.counts["reject"], self.counts["error"], self.shards, self.committed,
             )  # fmt: skip
 
+    def add_signals(self, partition: int, name: str) -> None:
+        """A global phase's signal file of ``partition`` (named in its marker when it commits)."""
+        self.open.setdefault(partition, _Open()).signals.append(name)
+
     def _cleanup_video(self, video_id: str, local_path: str | None) -> None:
         """Staged media of a finished video: its clips folder and its download."""
         if self.staging is None or self.target.write.keep_staging:
@@ -253,6 +281,7 @@ class Committer:
             "shards": st.shards,
             "rejects": st.rejects,
             "errors": st.errors,
+            "signals": st.signals,
             "counts": dict(st.counts),
             "drop_reasons": dict(st.drop_reasons),
             "error_types": dict(st.error_types),
@@ -283,6 +312,7 @@ class Committer:
             "shards": old["shards"] + new["shards"],
             "rejects": old["rejects"] + new["rejects"],
             "errors": old["errors"] + new["errors"],
+            "signals": old.get("signals", []) + new["signals"],
             "counts": _add_counts(_add_counts(old["counts"], new["counts"]), {"error": len(gone)}, -1),
             "drop_reasons": _add_counts(old["drop_reasons"], new["drop_reasons"]),
             "error_types": _add_counts(_add_counts(old["error_types"], new["error_types"]), errors_gone, -1),

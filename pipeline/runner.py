@@ -8,21 +8,31 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import layout, storage
+from pipeline.blocks import InputBlock, RowsBlock, StagedBlock
 from pipeline.config import RunConfig, dump_config
+from pipeline.errors import ConfigError
 from pipeline.executor import apply_stage
 from pipeline.ingest import IngestCounts, iter_partitions
 from pipeline.lock import output_lock
 from pipeline.registry import build_stages
-from pipeline.resume import Committer, committed_partitions, finalize, plan_retry, remove_uncommitted
-from pipeline.stage import Row, Stage, StageContext
+from pipeline.resume import (
+    AgainstPartition,
+    Committer,
+    committed_dataset,
+    committed_partitions,
+    finalize,
+    plan_retry,
+    remove_uncommitted,
+)
+from pipeline.stage import MapFn, Row, Stage, StageContext, map_in_process
 from pipeline.storage import OutputStore, StagingArea
-from pipeline.writer import OutputTarget, ShardWriter
+from pipeline.writer import OutputTarget, PhaseWriter, ShardWriter
 from stages.ingest import read_inputs
 
 log = logging.getLogger(__name__)
@@ -69,80 +79,77 @@ def split_phases(stages: list[Stage]) -> list[tuple[list[Stage], Stage | None]]:
     return phases
 
 
-Chunks = Iterable[tuple[int, list[Row]]]  # (input partition, its rows to process)
+Sink = ShardWriter | PhaseWriter
 
 
-def _sequential(stages: list[Stage], chunks: Chunks) -> Iterator[list[Row]]:
-    """In-process runner: same semantics as the Ray runner, one partition of inputs at a time."""
+def _sequential(stages: list[Stage], blocks: Iterable[InputBlock], sink: Sink) -> Iterator[dict[str, Any]]:
+    """In-process runner: same semantics as the Ray runner, one input block at a time."""
     for stage in stages:
         stage.setup()
     try:
-        for _, batch in chunks:
+        for block in blocks:
+            batch = block.read()
             for stage in stages:
                 out: list[Row] = []
                 for j in range(0, len(batch), stage.batch_size):
                     out.extend(apply_stage(stage, batch[j : j + stage.batch_size]))
                 batch = out
-            yield batch
+            yield from sink.write(batch)
     finally:
         for stage in stages:
             stage.teardown()
 
 
-def _rechunk(rows: list[Row], per_partition: int) -> Chunks:
-    """Rows gathered at a global phase, cut again into input partitions."""
-    groups: dict[int, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(layout.partition_of(row["input_index"], per_partition), []).append(row)
-    return sorted(groups.items())
-
-
 def _run_phases(
-    stages: list[Stage], chunks: Chunks, config: RunConfig, backend: Backend, writer: ShardWriter, committer: Committer
-) -> None:
-    """Stream partitions of inputs through the stages into the writer; the driver only commits
-    the writers' manifests.
+    stages: list[Stage],
+    blocks: Iterable[InputBlock],
+    config: RunConfig,
+    backend: Backend,
+    writer: ShardWriter,
+    committer: Committer,
+    staging_uri: str,
+    against: Callable[[], list[Any]],
+) -> dict[str, Any]:
+    """Stream the input blocks through the stages into the writer; the driver only commits the
+    writers' manifests.
 
-    A global phase (dedup) is the exception: the rows reaching it are gathered on the driver
-    (issue 16 distributes it); rows that failed or were dropped before it are written at once.
+    At a global phase (dedup) the rows stay on the workers: the last task before it stages each
+    partition's surviving rows and writes their signals (``PhaseWriter``); the phase decides from
+    the signal files alone (``Stage.decide``, its tasks on the workers); then each staged file is
+    read back on a worker with the decisions applied (``StagedBlock``) and the next stages stream on.
+    Returns each global phase's summary.
     """
+    summaries: dict[str, Any] = {}
     phases = split_phases(stages)
     for n, (streaming, barrier) in enumerate(phases):
-        last = barrier is None and n == len(phases) - 1
-        if last:
-            if backend == "sequential":
-                for batch in _sequential(streaming, chunks):
-                    for manifest in writer.write(batch):
-                        committer.add(manifest)
-            else:
-                from pipeline.ray_runner import run_on_ray
-
-                for manifest in run_on_ray(streaming, chunks, config, writer):
-                    committer.add(manifest)
-            return
-        batches: Iterable[list[Row]]
+        sink: Sink = writer if barrier is None else PhaseWriter(writer, staging_uri, n, barrier)
         if backend == "sequential":
-            batches = _sequential(streaming, chunks)
+            manifests = _sequential(streaming, blocks, sink)
         else:
             from pipeline.ray_runner import run_on_ray
 
-            batches = run_on_ray(streaming, chunks, config, None)
-        gathered: list[Row] = []
-        for batch in batches:
-            done = [row for row in batch if row.get("error_stage") or row.get("drop_reason")]
-            gathered += [row for row in batch if not (row.get("error_stage") or row.get("drop_reason"))]
-            for manifest in writer.write(done) if done else []:
+            manifests = run_on_ray(streaming, blocks, config, sink)
+        staged: list[dict[str, Any]] = []
+        for manifest in manifests:
+            if "staged" in manifest:
+                staged.append(manifest)
+                committer.add_signals(int(manifest["partition"]), manifest["signals"])
+            else:
                 committer.add(manifest)
-        assert barrier is not None
-        log.info("global phase %s over %d rows (gathered on the driver)", barrier.name, len(gathered))
-        if not gathered:
-            return
-        barrier.setup()
-        try:
-            rows = apply_stage(barrier, gathered)
-        finally:
-            barrier.teardown()
-        chunks = _rechunk(rows, config.write.inputs_per_partition)
+        if barrier is None or not staged:
+            return summaries
+        signal_uris = [writer.target.path(layout.SIGNALS, m["signals"]) for m in staged]
+        log.info("global phase %s: deciding over %d rows in %d signal files", barrier.name,
+                 sum(m["rows"] for m in staged), len(signal_uris))  # fmt: skip
+        if backend == "sequential":
+            run_map: MapFn = map_in_process
+        else:
+            from pipeline.ray_runner import ray_map as run_map
+        summary = barrier.decide(signal_uris, against(), run_map)
+        log.info("global phase %s: %s", barrier.name, summary)
+        summaries[barrier.name] = summary
+        blocks = [StagedBlock(m["staged"], int(m["partition"]), int(m["rows"]), barrier) for m in staged]
+    return summaries
 
 
 def _stats(store: OutputStore, totals: dict[str, Any], committer: Committer, inputs: int, wall: float,
@@ -220,19 +227,45 @@ def run_pipeline(
     *,
     backend: Backend = "ray",
     retry_errors: bool = False,
+    dedup_against: Sequence[str | Path] = (),
 ) -> RunSummary:
     """Run the whole job into ``output_dir``; a rerun resumes where an earlier run stopped.
 
     A rerun skips the input partitions with a completion marker; ``retry_errors`` also retries
     the inputs whose earlier failures were transient (rate limits, timeouts, 5xx, out of memory).
+    A global phase (dedup) decides the new clips against the clips the output's earlier runs
+    committed and against the outputs in ``dedup_against`` (never modified).
     """
     store = OutputStore(output_dir)
+    against = [_earlier_output(d, store.uri) for d in dedup_against]
     with output_lock(store.uri):  # one live run per output folder (a second is refused)
-        return _run_locked(input_list, store, config, backend, retry_errors)
+        return _run_locked(input_list, store, config, backend, retry_errors, against)
+
+
+def _earlier_output(path: str | Path, own: str) -> str:
+    """An output named by ``--dedup-against``: an absolute URI, checked to be a finished output."""
+    uri = str(path) if storage.is_remote(path) else str(Path(path).resolve())
+    if uri.rstrip("/") == own.rstrip("/"):
+        raise ConfigError(f"--dedup-against {str(path)[:200]}: that is this run's own output (its earlier runs count anyway)")
+    if not storage.exists(storage.join(uri, layout.MARKERS)):
+        raise ConfigError(f"--dedup-against {str(path)[:200]}: not an avforge output (no {layout.MARKERS}/ folder)")
+    return uri
+
+
+def _against(own: str, others: list[str], retried: set[str]) -> list[AgainstPartition]:
+    """The committed partitions of this output's earlier runs and of the other outputs. Of a
+    retried partition, this output's own signals are left out: the retried clips may be there."""
+    out: list[AgainstPartition] = []
+    for uri in [own, *others]:
+        for part in committed_dataset(uri):
+            if uri == own and part.partition in retried:
+                continue
+            out.append(part)
+    return out
 
 
 def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, backend: Backend,
-                retry_errors: bool) -> RunSummary:  # fmt: skip
+                retry_errors: bool, dedup_against: list[str]) -> RunSummary:  # fmt: skip
     started = time.monotonic()
     out = store.root
     if config.staging_dir:
@@ -260,15 +293,30 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
     def wanted(p: int, row: Row) -> bool:
         return p not in done or (retry is not None and row["video_id"] in retry.videos.get(p, ()))
 
-    def chunks() -> Iterator[tuple[int, list[Row]]]:
+    def blocks() -> Iterator[InputBlock]:
+        pending: list[Row] = []
+        shares: dict[int, int] = {}
         for p, rows in iter_partitions(input_list, per, wanted, counts):
-            committer.expected[p] = len(rows)  # set before any of its rows can be written
-            yield p, rows
+            pending += rows
+            shares[p] = len(rows)
+            if len(pending) >= config.ray.input_block_rows:
+                yield RowsBlock(pending, shares)
+                pending, shares = [], {}
+        if pending:
+            yield RowsBlock(pending, shares)
+
+    def planned() -> Iterator[InputBlock]:
+        for block in blocks():
+            for p, n in block.partitions.items():  # set before any of its rows can be written
+                committer.expected[p] = committer.expected.get(p, 0) + n
+            yield block
 
     log.info("resume: %d partitions committed earlier%s", len(done), f"; {retry.inputs} inputs to retry" if retry else "")
     stages = build_stages(config, StageContext(staging_dir=staging.uri))
+    retried = set(retry.videos) if retry else set()
     try:
-        _run_phases(stages, chunks(), config, backend, writer, committer)
+        phases = _run_phases(stages, planned(), config, backend, writer, committer, staging.uri,
+                             lambda: _against(store.uri, dedup_against, retried))  # fmt: skip
         committer.finish()
     except BaseException:
         log.warning("run interrupted: committed partitions are kept; rerun the same command to resume")
@@ -280,12 +328,15 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
         store.publish(name)
     wall = time.monotonic() - started
     stats = _stats(store, totals, committer, n_inputs, wall, config)
+    stats["runs"][-1]["global_phases"] = phases
     tmp = out / f".{layout.STATS}.tmp"
     tmp.write_text(json.dumps(stats, indent=2, sort_keys=False))
     os.replace(tmp, out / layout.STATS)
     store.publish(layout.STATS)
     if not config.write.keep_staging and not staging.remote and committed_partitions(target) >= counts.partitions:
         shutil.rmtree(staging.root / "clips", ignore_errors=True)
+        for phase_dir in staging.root.glob("phase*"):  # rows staged for a global phase: all written now
+            shutil.rmtree(phase_dir, ignore_errors=True)
     if config.report.enabled:
         try:
             from pipeline.tools.report import write_report

@@ -12,12 +12,23 @@ loads heavy things in ``setup()`` (never at import time or in ``__init__``) and 
 A stage may instead raise: the runner then retries the batch row by row to isolate the bad row
 (on out-of-memory it retries halves of the batch instead, down to one row). Rows that already failed, and rows a filter marked with
 ``drop_reason`` (when ``skip_dropped``), pass through a stage untouched.
+
+A **global phase** (``global_phase = True``: dedup) decides over every row that reaches it, without
+the rows ever meeting in one process:
+
+1. on the workers, the runner writes each input partition's surviving rows to staging and
+   ``phase_signals(rows)`` (one small row per clip) to the output's ``signals/`` dataset;
+2. once, ``decide(signal_uris, against, run_map)`` reads only those files, runs its heavy work as
+   tasks through ``run_map`` (Ray Data tasks on the workers, or in-process), writes its decisions
+   per input partition to staging and returns a small summary;
+3. on the workers, each partition's staged rows are read back and ``apply_partition(partition,
+   rows)`` returns one update per row (like ``process_batch``); then the next stages stream on.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -29,6 +40,14 @@ from pipeline.errors import StageError
 Row = dict[str, Any]
 C = TypeVar("C", bound=BaseModel)
 P = TypeVar("P", bound=PoolConfig)
+# run_map(fn, items) -> [fn(item) for item in items], each call a task on the workers (Ray Data) or
+# in-process (sequential backend); fn and items must be picklable, results small
+MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
+
+def map_in_process(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """The sequential backend's ``MapFn``."""
+    return [fn(item) for item in items]
 
 
 def per_row(fn: Callable[[Row], Any], rows: list[Row]) -> list[Any]:
@@ -73,8 +92,8 @@ class Stage(ABC, Generic[C]):
     fan_out: ClassVar[bool] = False
     stateful: ClassVar[bool] = False  # True: model stages, run as an actor pool
     skip_dropped: ClassVar[bool] = True
-    # A global phase (e.g. dedup) needs every row at once: the runner gathers all rows that
-    # reach it, calls ``process_all`` once on the driver, then streams on.
+    # A global phase (dedup) decides over every row reaching it: phase_signals / decide /
+    # apply_partition (see the module docstring) instead of process_batch.
     global_phase: ClassVar[bool] = False
 
     def __init__(self, config: C, context: StageContext | None = None) -> None:
@@ -104,9 +123,20 @@ class Stage(ABC, Generic[C]):
     def process_batch(self, rows: list[Row]) -> list[Any]:
         """One value per row: an update dict (a list of them for fan-out) or an Exception."""
 
-    def process_all(self, rows: list[Row]) -> list[Any]:
-        """Global phase over every active row; by default the same as one big batch."""
-        return self.process_batch(rows)
+    # ------------------------------------------------------------------ global phases only
+
+    def phase_signals(self, rows: list[Row]) -> Any:
+        """A global phase: the small table (pyarrow) it decides on, one row per active row."""
+        raise NotImplementedError(f"stage {self.name} is not a global phase")
+
+    def decide(self, signal_uris: list[str], against: Sequence[Any], run_map: MapFn) -> dict[str, Any]:
+        """A global phase: decide over every signal file (and earlier outputs' ``against``
+        partitions, ``pipeline.resume.AgainstPartition``); returns a small summary."""
+        raise NotImplementedError(f"stage {self.name} is not a global phase")
+
+    def apply_partition(self, partition: int, rows: list[Row]) -> list[Any]:
+        """A global phase: one update per row of ``partition`` from the decisions."""
+        raise NotImplementedError(f"stage {self.name} is not a global phase")
 
 
 class PooledStage(Stage[P]):

@@ -10,6 +10,7 @@ is what makes remote shard writes atomic.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -65,7 +66,15 @@ def put_file(local: Path, uri: str) -> None:
     """Move a finished local file to ``uri`` (upload for remote, rename for local)."""
     if not is_remote(uri):
         Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(local, uri)
+        try:
+            os.replace(local, uri)
+        except OSError as exc:  # another file system (e.g. staging elsewhere): copy, then rename there
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = Path(uri).with_name(f".{Path(uri).name}.tmp")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, uri)
+            local.unlink(missing_ok=True)
         return
     fs, path = _fs(uri)
     fs.put_file(str(local), path)

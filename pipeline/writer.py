@@ -166,9 +166,14 @@ class ShardWriter:
         tmp.unlink(missing_ok=True)
 
     def _write_parquet(self, table: pa.Table, *rel: str) -> None:
+        self._write_parquet_to(table, self.target.path(*rel))
+
+    def _write_parquet_to(self, table: pa.Table, uri: str) -> None:
+        """A parquet file written whole to a temporary name, then moved or uploaded to ``uri``."""
         tmp = self._tmp(".parquet")
         pq.write_table(table, tmp)
-        self._publish(tmp, *rel)
+        storage.put_file(tmp, uri)
+        tmp.unlink(missing_ok=True)
 
     def _members(self, row: Row) -> list[tuple[str, bytes]]:
         key = row["key"]
@@ -251,3 +256,46 @@ class ShardWriter:
         name = layout.part_name("errors", partition, (f"{r['video_id']}/{r.get('key')}/{r['error_stage']}" for r in rows))
         self._write_parquet(pa.Table.from_pylist(recs, schema=error_part_schema()), layout.PARTS, name)
         return name
+
+
+class PhaseWriter:
+    """The end of the streaming stages before a global phase (dedup), on the worker.
+
+    Rows that failed or were dropped are finished: the ``ShardWriter`` writes them as usual. The
+    others wait for the phase's decision: per input partition, they are written to staging
+    (``phase{n}/``, read back by ``pipeline.blocks.StagedBlock``) and the phase's signals of them
+    (``Stage.phase_signals`` plus a ``partition`` column) to the output's ``signals/``. Both names
+    derive from the partition, the phase and the keys, so a retried task rewrites its own files.
+    Manifests of staged rows carry ``staged`` (the file), ``signals`` (its name) and ``rows``.
+    """
+
+    def __init__(
+        self, shards: ShardWriter, staging_uri: str, phase: int, stage: Any
+    ) -> None:  # stage: pipeline.stage.Stage (a global phase)
+        self.shards = shards
+        self.staging_uri = staging_uri
+        self.phase = phase
+        self.stage = stage
+
+    @property
+    def target(self) -> OutputTarget:
+        return self.shards.target
+
+    def write(self, rows: list[Row]) -> list[dict[str, Any]]:
+        rows = [r for r in rows if self.shards._wanted(r)]
+        done = [r for r in rows if classify(r) != "keep"]
+        manifests = self.shards.write(done) if done else []
+        groups: dict[int, list[Row]] = defaultdict(list)
+        for row in rows:
+            if classify(row) == "keep":
+                groups[layout.partition_of(row.get("input_index") or 0, self.target.write.inputs_per_partition)].append(row)
+        for p in sorted(groups):
+            part = sorted(groups[p], key=lambda r: r["key"])
+            name = layout.phase_file_name(p, self.phase, (r["key"] for r in part))
+            staged = storage.join(self.staging_uri, f"phase{self.phase}", name)
+            self.shards._write_parquet_to(to_table(part), staged)
+            signals = self.stage.phase_signals(part)
+            signals = signals.append_column("partition", pa.array([p] * signals.num_rows, pa.int64()))
+            self.shards._write_parquet(signals, layout.SIGNALS, name)
+            manifests.append({"partition": p, "staged": staged, "signals": name, "rows": len(part)})
+        return manifests
