@@ -152,6 +152,15 @@ def _run_phases(
     return summaries
 
 
+def _plain(value: Any) -> Any:
+    """JSON for what a global phase's summary may hold beyond JSON's types (numpy scalars, sets)."""
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, frozenset, tuple)):
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return str(value)
+
+
 def _stats(store: OutputStore, totals: dict[str, Any], committer: Committer, inputs: int, wall: float,
            config: RunConfig) -> dict:  # fmt: skip
     """stats.json from the markers' aggregates (totals) and this run's manifests (runs[-1])."""
@@ -330,7 +339,7 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
     stats = _stats(store, totals, committer, n_inputs, wall, config)
     stats["runs"][-1]["global_phases"] = phases
     tmp = out / f".{layout.STATS}.tmp"
-    tmp.write_text(json.dumps(stats, indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(stats, indent=2, sort_keys=False, default=_plain))
     os.replace(tmp, out / layout.STATS)
     store.publish(layout.STATS)
     if not config.write.keep_staging and not staging.remote and committed_partitions(target) >= counts.partitions:
