@@ -337,7 +337,24 @@ class DedupConfig(Section):
         "quality", description="which clip of a duplicate group is kept; ties fall to the next rules, then earliest"
     )
     quality_score: str = Field("quality", description="name in Clip.scores used by keep=quality")
-    write_signals: bool = Field(True, description="write STAGING/dedup/{signals,duplicates}.parquet")
+    job: Literal["auto", "single", "distributed"] = Field(
+        "auto",
+        description="auto: one task reads every signal below distributed_min_rows, the distributed job above; "
+        "single / distributed force one (tests)",
+    )
+    distributed_min_rows: int = Field(
+        100_000, ge=0, description="clips (new and --dedup-against) from which auto runs the distributed job"
+    )
+    lsh_bands: int = Field(
+        4, ge=1, le=8, description="distributed: 32-bit bands of each 64-bit code (halves, then even/odd bits, ...)"
+    )
+    lsh_min_segments: int = Field(
+        1, ge=1, description="distributed: a clip pair is a candidate when LSH matches touch this many segments of each"
+    )
+    rows_per_task: int = Field(
+        20_000, ge=100, description="distributed: clips per shuffle partition (bounds each task's memory)"
+    )
+    pairs_per_task: int = Field(20_000, ge=100, description="distributed: candidate pairs verified per task")
 
 
 class PoolConfig(Section):

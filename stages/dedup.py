@@ -68,6 +68,8 @@ from stages.fingerprint import FRAME_SCALES, MIRROR_MASK
 if TYPE_CHECKING:
     import faiss
 
+    from pipeline.stage import MapFn
+
 log = logging.getLogger(__name__)
 
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
@@ -590,8 +592,11 @@ class AlignedMatches:
     """
 
     def __init__(
-        self, cs: CodeSet, radius: int, max_clips: int, tolerance: float, mirror_mask: int = 0, method: str = "auto"
-    ) -> None:
+        self, cs: CodeSet, radius: int, max_clips: int, tolerance: float, mirror_mask: int = 0, method: str = "auto",
+        common: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        """``common``: a per-unit mask decided elsewhere (the distributed job counts document
+        frequencies over the whole corpus; a sub-table of a few clips cannot)."""
         self.cs = cs
         self.tolerance = tolerance
         n_codes = len(cs.codes)
@@ -604,10 +609,10 @@ class AlignedMatches:
             ua, ub = cs.code_unit[qi % n_codes], cs.code_unit[ci]
             other = cs.unit_owner[ua] != cs.unit_owner[ub]
             ua, ub, mir, dist = ua[other], ub[other], mir[other], dist[other]
-        # document frequency: other clips each unit matches
-        uc = np.unique(np.stack([ua, cs.unit_owner[ub]], axis=1), axis=0) if len(ua) else np.zeros((0, 2), np.int64)
-        df = np.bincount(uc[:, 0], minlength=cs.n_units) if len(uc) else np.zeros(cs.n_units, np.int64)
-        self.common = df > max_clips
+        if common is not None:
+            self.common = np.asarray(common, bool)
+        else:  # document frequency: other clips each unit matches
+            self.common = unit_document_frequency(ua, cs.unit_owner[ub], cs.n_units) > max_clips
         if self.common.any():
             log.info("dedup: %d of %d %s units are common (match > %d clips): ignored",
                      int(self.common.sum()), cs.n_units, cs.name, max_clips)  # fmt: skip
@@ -724,6 +729,14 @@ class AlignedMatches:
         )
 
 
+def unit_document_frequency(units: np.ndarray, other_clips: np.ndarray, n_units: int) -> np.ndarray:
+    """Per unit: the number of distinct other clips it matches (``units[i]`` matched ``other_clips[i]``)."""
+    if not len(units):
+        return np.zeros(n_units, np.int64)
+    uc = np.unique(np.stack([units, other_clips], axis=1), axis=0)
+    return np.bincount(uc[:, 0], minlength=n_units)
+
+
 def group_by_representative(n: int, pairs: np.ndarray, rank: np.ndarray) -> np.ndarray:
     """Groups in which every member is linked directly to its group's kept clip.
 
@@ -759,28 +772,47 @@ def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
     return table.column(name) if name in table.column_names else None
 
 
+def common_limit(cfg: DedupConfig, n: int) -> int:
+    """A unit matching more than this many other clips (of ``n``) is common."""
+    return max(cfg.common_code_clips, math.ceil(cfg.common_code_share * n))
+
+
 def perceptual_links(
-    table: pa.Table, cfg: DedupConfig
+    table: pa.Table,
+    cfg: DedupConfig,
+    common: dict[str, np.ndarray] | None = None,
+    only: set[tuple[int, int]] | None = None,
+    n_total: int | None = None,
 ) -> tuple[dict[tuple[int, int], dict[str, Evidence]], dict[str, AlignedMatches], np.ndarray]:
-    """Aligned frame / audio evidence per clip pair (a < b) that passes the signal's thresholds."""
+    """Aligned frame / audio evidence per clip pair (a < b) that passes the signal's thresholds.
+
+    ``common`` (per signal, a mask over the table's units), ``only`` (the pairs to look at) and
+    ``n_total`` (the corpus size) let the distributed job verify its candidate pairs on a
+    sub-table of their clips with the corpus-wide common codes: the same rule as on the whole table.
+    """
     n = table.num_rows
-    max_clips = max(cfg.common_code_clips, math.ceil(cfg.common_code_share * n))
+    max_clips = common_limit(cfg, n_total or n)
+    common = common or {}
     matches: dict[str, AlignedMatches] = {}
     ratios: dict[str, float] = {}
     if cfg.frames:
         cs = code_set("frames", table.column("frame_hashes"), _column(table, "hash_times"), len(FRAME_SCALES),
                       DEFAULT_FRAME_STEP, cfg.frame_radius)  # fmt: skip
-        matches["frames"] = AlignedMatches(cs, cfg.frame_radius, max_clips, cfg.frame_offset_tolerance, MIRROR_MASK)
+        matches["frames"] = AlignedMatches(cs, cfg.frame_radius, max_clips, cfg.frame_offset_tolerance, MIRROR_MASK,
+                                           common=common.get("frames"))  # fmt: skip
         ratios["frames"] = cfg.frame_match_ratio
     if cfg.audio:
         cs = code_set("audio", table.column("audio_fingerprint"), _column(table, "code_times"), 1,
                       DEFAULT_AUDIO_STEP, cfg.audio_radius)  # fmt: skip
-        matches["audio"] = AlignedMatches(cs, cfg.audio_radius, max_clips, cfg.audio_offset_tolerance)
+        matches["audio"] = AlignedMatches(cs, cfg.audio_radius, max_clips, cfg.audio_offset_tolerance,
+                                          common=common.get("audio"))  # fmt: skip
         ratios["audio"] = cfg.audio_match_ratio
     dur = _durations(table, [m.cs for m in matches.values()])
     found: dict[tuple[int, int], dict[str, Evidence]] = {}
     for name, m in matches.items():
         for a, b in m.candidate_pairs(cfg.min_matched_codes).tolist():
+            if only is not None and (a, b) not in only:
+                continue
             ev = m.evidence(a, b, dur[a], dur[b])
             if (
                 ev.segments >= cfg.min_matched_codes
@@ -820,28 +852,43 @@ def _describe(name: str, ev: Evidence) -> str:
     )
 
 
-def find_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
-    """Decide duplicates from a signals table.
+Links = dict[tuple[int, int], dict[str, str]]  # (a, b) with a < b -> signal -> readable evidence
 
-    Returns key, group (the representative's key), duplicate_of (kept key or null), signals (of
-    the clip's link to its representative; for a representative, of its members' links) and
-    evidence (a readable account of that link).
+
+def verified_links(
+    table: pa.Table,
+    cfg: DedupConfig,
+    common: dict[str, np.ndarray] | None = None,
+    only: set[tuple[int, int]] | None = None,
+    exact: Sequence[tuple[int, int]] | None = None,
+    n_total: int | None = None,
+    fixed: np.ndarray | None = None,
+) -> tuple[Links, int, np.ndarray]:
+    """Exact, frame and audio links no other perceptual signal contradicts: the precise rule.
+
+    On a whole table (the single-machine path) every pair is looked at and exact pairs are found
+    here; the distributed job passes the candidate pairs of a sub-table (``only``), its exact
+    pairs (``exact``), the corpus-wide common units (``common``) and the corpus size
+    (``n_total``). Pairs of two ``fixed`` rows (clips of earlier outputs) are never linked.
+    Returns the links, the number of vetoed candidates and the clip durations.
     """
-    n = table.num_rows
-    keys = table.column("key").to_pylist()
-    started = time.perf_counter()
-    links: dict[tuple[int, int], dict[str, str]] = {}  # (a, b) -> signal -> evidence text
-    perceptual, matches, dur = perceptual_links(table, cfg) if (cfg.frames or cfg.audio) else ({}, {}, None)
-    if dur is None:
-        dur = _durations(table, [])
+    if cfg.frames or cfg.audio:
+        perceptual, matches, dur = perceptual_links(table, cfg, common, only, n_total)
+    else:
+        perceptual, matches, dur = {}, {}, _durations(table, [])
     candidates: dict[tuple[int, int], dict[str, Evidence]] = {p: dict(v) for p, v in perceptual.items()}
     if cfg.exact:
-        for i, j in exact_pairs(table.column("content_hash").to_pylist()).tolist():
-            a, b = min(i, j), max(i, j)
+        if exact is None:
+            exact = [(min(i, j), max(i, j)) for i, j in exact_pairs(table.column("content_hash").to_pylist()).tolist()]
+        for a, b in exact:
             same = Evidence(0.0, float(min(dur[a], dur[b])), 1, 1, 1, 1, 1)
             candidates.setdefault((a, b), {})["exact"] = same
+    keys = table.column("key").to_pylist()
+    links: Links = {}
     vetoed = 0
     for (a, b), signals in candidates.items():
+        if fixed is not None and fixed[a] and fixed[b]:
+            continue
         lead = next(s for s in ("exact", "frames", "audio") if s in signals)
         offset = signals[lead].offset
         search = 0.0 if lead == "exact" else matches[lead].tolerance
@@ -858,34 +905,81 @@ def find_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
             log.debug("dedup: %s ~ %s by %s vetoed: %s", keys[a], keys[b], lead, _describe(*against))
             continue
         links[(a, b)] = {s: ("same content_hash" if s == "exact" else _describe(s, ev)) for s, ev in signals.items()}
-    if cfg.semantic:
-        for name in cfg.semantic_fields:
-            rows, x = _embedding_rows(table.column(name))
-            if len(rows) < 2:
-                continue
-            kind = "auto" if cfg.index == "auto" else cfg.index
-            pairs, sims = cosine_pairs(
-                x, cfg.semantic_threshold, kind, cfg.neighbors, cfg.nprobe, cfg.use_gpu,
-                cfg.flat_max_rows, cfg.ivf_max_rows,
-            )  # fmt: skip
-            for (i, j), sim in zip(pairs.tolist(), sims.tolist(), strict=True):
-                a, b = sorted((int(rows[i]), int(rows[j])))
-                links.setdefault((a, b), {})[f"semantic:{name}"] = f"cosine {sim:.3f}"
-    per_signal: dict[str, int] = {}
-    for sigs in links.values():
-        for s in sigs:
-            per_signal[s] = per_signal.get(s, 0) + 1
-    log.info("dedup: links per signal %s; %d candidate links vetoed by a contradicting signal", per_signal, vetoed)
-    pairs = np.array(sorted(links), dtype=np.int64).reshape(-1, 2)
-    rank = rank_keys(
-        cfg.keep,
-        np.array([np.nan if v is None else v for v in table.column("quality").to_pylist()], np.float64),
-        dur,
-        np.array([np.nan if v is None else v for v in table.column("pixels").to_pylist()], np.float64),
+    return links, vetoed, dur
+
+
+def semantic_text(sim: float) -> str:
+    return f"cosine {sim:.3f}"
+
+
+def add_semantic_links(table: pa.Table, cfg: DedupConfig, links: Links) -> None:
+    """Cosine links of ``cfg.semantic_fields`` over the whole table (never vetoed)."""
+    for name in cfg.semantic_fields:
+        if name not in table.column_names:
+            continue
+        rows, x = _embedding_rows(table.column(name))
+        if len(rows) < 2:
+            continue
+        kind = "auto" if cfg.index == "auto" else cfg.index
+        pairs, sims = cosine_pairs(
+            x, cfg.semantic_threshold, kind, cfg.neighbors, cfg.nprobe, cfg.use_gpu, cfg.flat_max_rows, cfg.ivf_max_rows
+        )  # fmt: skip
+        for (i, j), sim in zip(pairs.tolist(), sims.tolist(), strict=True):
+            a, b = sorted((int(rows[i]), int(rows[j])))
+            links.setdefault((a, b), {})[f"semantic:{name}"] = semantic_text(sim)
+
+
+def _floats(column: pa.ChunkedArray | list[Any]) -> np.ndarray:
+    values = column.to_pylist() if isinstance(column, pa.ChunkedArray) else column
+    return np.array([np.nan if v is None else v for v in values], np.float64)
+
+
+def keep_rank(
+    cfg: DedupConfig,
+    quality: np.ndarray,
+    duration: np.ndarray,
+    pixels: np.ndarray,
+    input_index: np.ndarray,
+    clip_index: np.ndarray,
+    keys: Sequence[str],
+    fixed: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`rank_keys` under ``cfg.keep``, with ``fixed`` rows (earlier outputs) ranked before all others.
+
+    The relative order of any subset of clips is the same whichever other clips are ranked with
+    them, so the distributed job ranks only the clips that have links.
+    """
+    rank = rank_keys(cfg.keep, quality, duration, pixels, input_index, clip_index, keys)
+    if fixed is None or not np.any(fixed):
+        return rank
+    order = np.lexsort((rank, ~np.asarray(fixed, bool)))
+    out = np.empty(len(order), np.int64)
+    out[order] = np.arange(len(order))
+    return out
+
+
+def table_rank(table: pa.Table, cfg: DedupConfig, dur: np.ndarray, fixed: np.ndarray | None = None) -> np.ndarray:
+    return keep_rank(
+        cfg, _floats(table.column("quality")), dur, _floats(table.column("pixels")),
         np.array(table.column("input_index").to_pylist(), np.int64),
-        np.array(table.column("clip_index").to_pylist(), np.int64),
-        keys,
-    )
+        np.array(table.column("clip_index").to_pylist(), np.int64), table.column("key").to_pylist(), fixed,
+    )  # fmt: skip
+
+
+def group_links(
+    keys: Sequence[str], links: Links, rank: np.ndarray, cfg: DedupConfig, fixed: np.ndarray | None = None
+) -> pa.Table:
+    """Groups around kept clips from ``links`` between rows ``0..len(keys)``; the decisions table.
+
+    Columns: key, group (the representative's key), duplicate_of (kept key or null), signals (of
+    the clip's link to its representative; for a representative, of its members' links) and
+    evidence (a readable account of that link). ``fixed`` rows (earlier outputs) are only ever
+    representatives: links between two of them are dropped, and they rank first.
+    """
+    n = len(keys)
+    if fixed is not None:
+        links = {p: v for p, v in links.items() if not (fixed[p[0]] and fixed[p[1]])}
+    pairs = np.array(sorted(links), dtype=np.int64).reshape(-1, 2)
     if cfg.grouping == "connected":
         labels = union_find(n, pairs)
         kept_of = choose_kept(labels, rank)
@@ -905,33 +999,66 @@ def find_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
         signals[i].update(link)
         signals[r].update(link)
         evidence[i] = "; ".join(link.values())
-    dup_of = [None if int(rep[i]) == i else keys[int(rep[i])] for i in range(n)]
-    log.info(
-        "dedup: %d rows, %d duplicates in %d groups (%.2f s)",
-        n, sum(d is not None for d in dup_of), len({int(rep[i]) for i in range(n) if dup_of[i] is not None}),
-        time.perf_counter() - started,
-    )  # fmt: skip
     return pa.table(
         {
-            "key": keys,
+            "key": list(keys),
             "group": [keys[int(g)] for g in rep.tolist()],
-            "duplicate_of": dup_of,
+            "duplicate_of": [None if int(rep[i]) == i else keys[int(rep[i])] for i in range(n)],
             "signals": [sorted(s) for s in signals],
             "evidence": pa.array(evidence, pa.string()),
         }
     )
 
 
+def links_per_signal(links: Links) -> dict[str, int]:
+    per_signal: dict[str, int] = {}
+    for sigs in links.values():
+        for s in sigs:
+            per_signal[s] = per_signal.get(s, 0) + 1
+    return per_signal
+
+
+def find_duplicates(table: pa.Table, cfg: DedupConfig, fixed: np.ndarray | None = None) -> pa.Table:
+    """Decide duplicates from a signals table (the single-machine path).
+
+    Returns one row per input row (see :func:`group_links`). ``fixed`` marks rows of earlier
+    outputs: never duplicates, always representatives, ranked before every other clip.
+    """
+    n = table.num_rows
+    started = time.perf_counter()
+    links, vetoed, dur = verified_links(table, cfg, fixed=fixed)
+    if cfg.semantic:
+        add_semantic_links(table, cfg, links)
+    log.info(
+        "dedup: links per signal %s; %d candidate links vetoed by a contradicting signal", links_per_signal(links), vetoed
+    )  # fmt: skip
+    decisions = group_links(table.column("key").to_pylist(), links, table_rank(table, cfg, dur, fixed), cfg, fixed)
+    dup_of = decisions.column("duplicate_of").to_pylist()
+    groups = decisions.column("group").to_pylist()
+    log.info(
+        "dedup: %d rows, %d duplicates in %d groups (%.2f s)",
+        n, sum(d is not None for d in dup_of), len({g for g, d in zip(groups, dup_of, strict=True) if d is not None}),
+        time.perf_counter() - started,
+    )  # fmt: skip
+    return decisions
+
+
 def dedup_parquet(paths: Sequence[str | Path], cfg: DedupConfig) -> pa.Table:
-    """Re-run the decision on signal files written by earlier runs (``signals.parquet``)."""
+    """Decide again, on one machine, from signal files written earlier (``OUTPUT/signals/*.parquet``)."""
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(p) for p in paths])
+    table = pa.concat_tables([pq.read_table(p, columns=[n for n, _ in SIGNAL_FIELDS]) for p in paths])
     return find_duplicates(table, cfg)
 
 
 class DedupStage(Stage[DedupConfig]):
-    """Global dedup phase: marks duplicates with ``drop_reason='duplicate'`` and ``duplicate_of``."""
+    """Global dedup phase: marks duplicates with ``drop_reason='duplicate'`` and ``duplicate_of``.
+
+    The engine calls, in order: ``phase_signals(rows)`` on the workers (each partition's signal
+    table, written to ``OUTPUT/signals/``); ``decide(signal_uris, against, run_map)`` once (the
+    driver coordinates, the work runs as tasks; decisions go to ``STAGING/dedup/decisions/``);
+    ``apply_partition(partition, rows)`` on the workers (the updates of one partition's rows).
+    """
 
     name = "dedup"
     global_phase = True
@@ -956,27 +1083,41 @@ class DedupStage(Stage[DedupConfig]):
         _faiss()  # fail early and clearly when faiss is missing
 
     def process_batch(self, rows: list[Row]) -> list[Any]:
-        return self.process_all(rows)
+        """The single-machine decision over rows already in memory (one update per row)."""
+        decisions = find_duplicates(signals_table(rows, self.config.quality_score), self.config)
+        return [
+            {"drop_reason": "duplicate", "duplicate_of": dup} if dup is not None else {}
+            for dup in decisions.column("duplicate_of").to_pylist()
+        ]
 
-    def process_all(self, rows: list[Row]) -> list[Any]:
-        table = signals_table(rows, self.config.quality_score)
-        decisions = find_duplicates(table, self.config)
-        if self.config.write_signals:
-            self._write(table, decisions)
+    def phase_signals(self, rows: list[Row]) -> pa.Table:
+        """Phase 1, on a worker: the dedup signals of one partition's surviving rows."""
+        return signals_table(rows, self.config.quality_score)
+
+    def decide(self, signal_uris: list[str], against: Sequence[Any], run_map: MapFn) -> dict[str, Any]:
+        """Decide once over the signal files; decisions per partition under ``STAGING/dedup/decisions/``.
+
+        ``against``: earlier outputs' committed partitions (``pipeline.resume.AgainstPartition``:
+        partition, signals, rejects); their clips are fixed representatives, never marked.
+        Returns a small summary (rows, duplicates, groups, links per signal, method, seconds).
+        """
+        from stages._dedup_scale import decide
+
+        return decide(signal_uris, list(against), self.config, self.decisions_uri, run_map)
+
+    @property
+    def decisions_uri(self) -> str:
+        from pipeline import storage
+
+        return storage.join(self.context.staging_dir, "dedup", "decisions")
+
+    def apply_partition(self, partition: int, rows: list[Row]) -> list[Any]:
+        """Phase 2, on a worker: one update per row from the partition's decisions file."""
+        from stages._dedup_scale import read_decisions
+
+        dup_of = read_decisions(self.decisions_uri, partition)
         out: list[Any] = []
-        for dup in decisions.column("duplicate_of").to_pylist():
-            out.append({"drop_reason": "duplicate", "duplicate_of": dup} if dup is not None else {})
+        for row in rows:
+            target = dup_of.get(row.get("key"))
+            out.append({"drop_reason": "duplicate", "duplicate_of": target} if target else {})
         return out
-
-    def _write(self, table: pa.Table, decisions: pa.Table) -> None:
-        """STAGING/dedup/{signals,duplicates}.parquet (uploaded when staging is an object store)."""
-        import pyarrow.parquet as pq
-
-        from pipeline.storage import StagingArea
-
-        staging = StagingArea(self.context.staging_dir)
-        for name, data in (("signals", table), ("duplicates", decisions)):
-            rel = f"dedup/{name}.parquet"
-            pq.write_table(data, staging.local(rel))
-            uri = staging.publish(rel)
-        log.info("dedup: signals and decisions written beside %s", uri)

@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -29,6 +30,7 @@ from pipeline.config import DedupConfig, RunConfig
 from pipeline.runner import run_pipeline
 from pipeline.tools.samples import synth_video
 from stages.dedup import (
+    SIGNAL_FIELDS,
     AlignedMatches,
     CodeSet,
     choose_kept,
@@ -163,15 +165,30 @@ def test_duplicate_of_points_at_kept_keys(dedup_run: Path) -> None:
     assert not set(dup_of) & kept
 
 
+def run_signals(out: Path) -> pa.Table:
+    """The signal files a run left in its output (``OUTPUT/signals/``), as one table."""
+    files = sorted((out / "signals").glob("*.parquet"))
+    assert files, "no signal files"
+    return pa.concat_tables([pq.read_table(f, columns=[n for n, _ in SIGNAL_FIELDS]) for f in files])
+
+
+def run_decisions(out: Path) -> list[dict]:
+    """The decisions a run's dedup wrote (``_staging/dedup/decisions/``): clips in duplicate groups."""
+    files = sorted((out / "_staging" / "dedup" / "decisions").glob("*.parquet"))
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
 def test_signals_written_and_rerunnable(dedup_run: Path, planted: tuple[Path, dict[str, str]]) -> None:
     """The phase leaves its signals as parquet; deciding again from them gives the same answer,
     and each signal alone finds the copies it is built for."""
-    folder = dedup_run / "_staging" / "dedup"
-    table = pq.read_table(folder / "signals.parquet")
-    decided = pq.read_table(folder / "duplicates.parquet").to_pylist()
-    assert table.num_rows == len(decided) == len(planted[1])
-    again = find_duplicates(table, DedupConfig()).to_pylist()
-    assert [r["duplicate_of"] for r in again] == [r["duplicate_of"] for r in decided]
+    table = run_signals(dedup_run)
+    written = {r["key"]: r for r in run_decisions(dedup_run)}
+    assert table.num_rows == len(planted[1])
+    decided = find_duplicates(table, DedupConfig()).to_pylist()
+    grouped = {r["group"] for r in decided if r["duplicate_of"]}
+    assert {r["key"] for r in decided if r["duplicate_of"] or r["key"] in grouped} == set(written)
+    for r in decided:
+        assert written.get(r["key"], {}).get("duplicate_of") == r["duplicate_of"]
     by_key = {r["key"]: r for r in decided}
     for r in decided:
         log.info("%s -> %s via %s", r["key"], r["duplicate_of"], ",".join(r["signals"]) or "-")
@@ -191,7 +208,7 @@ def test_signals_written_and_rerunnable(dedup_run: Path, planted: tuple[Path, di
 
 @pytest.mark.parametrize("keep", ["earliest", "longest", "resolution"])
 def test_keep_rule(dedup_run: Path, keep: str) -> None:
-    table = pq.read_table(dedup_run / "_staging" / "dedup" / "signals.parquet")
+    table = run_signals(dedup_run)
     rows = {r["key"]: r for r in table.to_pylist()}
     decided = find_duplicates(table, DedupConfig(keep=keep)).to_pylist()
     members: dict[str, list[str]] = {}
@@ -313,7 +330,7 @@ def test_cosine_pairs_find_planted_near_copies(kind: str) -> None:
 
 def test_semantic_embeddings_dedup_through_stage(tmp_path: Path) -> None:
     """Rows with visual embeddings only: near-identical embeddings merge, others stay apart."""
-    from pipeline.stage import StageContext
+    from pipeline.stage import StageContext, map_in_process
     from stages.dedup import DedupStage
 
     rng = np.random.default_rng(2)
@@ -326,11 +343,16 @@ def test_semantic_embeddings_dedup_through_stage(tmp_path: Path) -> None:
         })  # fmt: skip
     stage = DedupStage(DedupConfig(), StageContext(staging_dir=str(tmp_path)))
     stage.setup()
-    out = stage.process_all(rows)
+    # the engine's three calls: signals per partition (two here), one decision, updates per partition
+    for p, part in ((0, rows[:3]), (1, rows[3:])):
+        pq.write_table(stage.phase_signals(part), tmp_path / f"{p:06d}-x.parquet")
+    summary = stage.decide([str(tmp_path / "000000-x.parquet"), str(tmp_path / "000001-x.parquet")], [], map_in_process)
+    assert summary["duplicates"] == 2 and summary["method"] == "single"
+    out = stage.apply_partition(0, rows[:3]) + stage.apply_partition(1, rows[3:])
     assert out[2] == {"drop_reason": "duplicate", "duplicate_of": "v0_0000"}
     assert out[5] == {"drop_reason": "duplicate", "duplicate_of": "v1_0000"}
     assert out[0] == out[1] == out[3] == out[4] == {}
-    assert (tmp_path / "dedup" / "signals.parquet").exists()
+    assert stage.process_batch(rows) == out  # the same decision on rows in memory
 
 
 @pytest.mark.timeout(300)
@@ -358,7 +380,7 @@ def test_dedup_on_ray(tmp_path: Path) -> None:
     assert dup_of["mirror_0000"] == "src_0000"
     # a cut moved to a pause can leave a short tail clip with no informative frame or sound:
     # nothing perceptual to match it by, so only a clip that carries codes must be found
-    signals = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "_staging" / "dedup" / "signals.parquet").to_pylist()}
+    signals = {r["key"]: r for r in run_signals(tmp_path / "out").to_pylist()}
     if signals["mirror_0001"]["frame_hashes"] or signals["mirror_0001"]["audio_fingerprint"]:
         assert dup_of["mirror_0001"] == "src_0001"
     assert set(dup_of) <= {"copy_0000", "copy_0001", "mirror_0000", "mirror_0001"}
