@@ -23,8 +23,13 @@ slices of the LIST (see :func:`iter_records`, :func:`record_to_row`, :func:`mark
   surrogates, so one bad line is found and reported by the per-line step, not the whole file;
 * ``parse_text_line(line, lineno)`` / ``parse_jsonl_line(line, lineno)`` -> a record dict or
   ``None`` (blank or comment); a record carrying ``_error`` becomes an error row;
+* ``slice_records(data, fmt, first_line, header)``: records of a slice of a UTF-8 LIST cut at
+  record boundaries, with where each ends (``pipeline.ingest`` plans such slices as blocks);
+  ``read_csv_header`` reads a CSV's header once for all its slices;
 * ``record_to_row(record, index) -> Row``: a video row or an ingest error row (never raises);
-* ``mark_duplicates(rows, seen)``: turns repeats of an earlier ``video_id`` into error rows.
+  ``usable_video_id(record)``: the id it would get, None if it becomes an error row;
+* ``mark_duplicates(rows, seen)``: turns repeats of an earlier ``video_id`` into error rows
+  (``duplicate_row``; the distributed reader finds the repeats with a pass over id hashes).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlparse
@@ -106,7 +112,7 @@ def _is_url(text: str) -> bool:
 # ----------------------------------------------------------------------------- decoding
 
 
-def _detect_encoding(head: bytes) -> tuple[str, int]:
+def detect_encoding(head: bytes) -> tuple[str, int]:
     """(encoding, length of its byte-order mark) from a LIST's first bytes: a UTF-8/16/32 BOM, or
     BOM-less UTF-16 recognised by its NUL bytes (ASCII text in UTF-16 is half NULs), else UTF-8."""
     for bom, encoding in _BOMS:
@@ -123,10 +129,10 @@ def _detect_encoding(head: bytes) -> tuple[str, int]:
 
 
 def decode_list_bytes(data: bytes) -> str:
-    """Decode a LIST file (see :func:`_detect_encoding`); the BOM itself is dropped. Undecodable
+    """Decode a LIST file (see :func:`detect_encoding`); the BOM itself is dropped. Undecodable
     UTF-8 bytes become lone surrogates (``surrogateescape``) that :func:`_unusable` reports line
     by line; wider encodings replace them."""
-    encoding, bom = _detect_encoding(data[:512])
+    encoding, bom = detect_encoding(data[:512])
     return data[bom:].decode(encoding, "surrogateescape" if encoding == "utf-8" else "replace")
 
 
@@ -219,20 +225,30 @@ def _csv_records(stream: TextIO, path: Path, delimiter: str) -> Iterator[dict[st
     if fieldnames is None:
         return
     reader.fieldnames = fieldnames
+    check_csv_header(fieldnames, path)
+    yield from _csv_dicts(reader, 0)
+
+
+def check_csv_header(fieldnames: list[str], path: str | Path) -> None:
+    """Raise InputListError unless the (normalised) CSV header has a ``url`` column."""
     if "url" not in fieldnames:
         shown = [_printable(f, 40) for f in fieldnames[:20]]
         raise InputListError(f"{path}: CSV needs a 'url' column, has {shown}")
-    lineno = 1
+
+
+def _csv_dicts(reader: csv.DictReader, line_offset: int) -> Iterator[dict[str, Any]]:
+    """The records of a ``DictReader`` whose field names are set; bad rows become ``_error``
+    records naming their last line (the csv reader's count: ``DictReader.line_num`` is not
+    updated past skipped blank lines or on an error) plus ``line_offset``."""
     while True:
         try:
             rec = next(reader)
         except StopIteration:
             return
         except csv.Error as exc:  # e.g. a NUL byte or a field over the size limit
-            lineno = reader.line_num
-            yield {"url": "", "_error": f"CSV line {lineno}: {exc}"}
+            yield {"url": "", "_error": f"CSV line {reader.reader.line_num + line_offset}: {exc}"}
             continue
-        lineno = reader.line_num
+        lineno = reader.reader.line_num + line_offset
         rec.pop(None, None)  # values beyond the header (ragged row)
         # url and id must be exact; other columns are metadata: undecodable bytes become U+FFFD
         problem = next((p for k in ("url", "id") if (p := _unusable(rec.get(k) or "", f"CSV line {lineno}: {k}"))), None)
@@ -240,6 +256,101 @@ def _csv_records(stream: TextIO, path: Path, delimiter: str) -> Iterator[dict[st
             yield {"url": rec.get("url") or "", "_error": problem}
         else:
             yield dict(rec)
+
+
+# ----------------------------------------------------------------------------- slices (distributed reads)
+
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
+
+
+def count_lines(data: bytes) -> int:
+    """Lines in UTF-8 LIST bytes as a reader counts them (LF, CRLF and CR end a line)."""
+    if not data:
+        return 0
+    ends = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+    return ends + (data[-1:] not in (b"\n", b"\r"))
+
+
+def iter_line_spans(data: bytes) -> Iterator[tuple[str, int]]:
+    """(line with its line end, offset just past it) for UTF-8 LIST bytes, split exactly as a text
+    stream opened with ``newline=""`` splits them; undecodable bytes become lone surrogates."""
+    for m in _LINE.finditer(data):
+        yield m.group().decode("utf-8", "surrogateescape"), m.end()
+
+
+@dataclass(frozen=True)
+class CsvHeader:
+    """What a slice of a CSV needs from its first line: the delimiter and the normalised names."""
+
+    delimiter: str
+    fieldnames: tuple[str, ...]
+
+
+def read_csv_header(data: bytes, path: str | Path, default_delimiter: str) -> tuple[CsvHeader | None, int, int]:
+    """(header, bytes it takes, lines it takes) from the start of a UTF-8 CSV (after any BOM).
+
+    ``data`` must hold the whole header record; a header is None for an empty CSV. Raises
+    InputListError for a header without a ``url`` column, as :func:`iter_records` does."""
+    spans = iter_line_spans(data)
+    first = next(spans, None)
+    if first is None:
+        return None, 0, 0
+    delimiter = _sniff_delimiter(first[0], default_delimiter)
+    pos = first[1]
+
+    def lines() -> Iterator[str]:
+        nonlocal pos
+        yield first[0]
+        for line, end in spans:
+            pos = end
+            yield line
+
+    reader = csv.reader(lines(), delimiter=delimiter)
+    try:
+        names = next(reader, None)
+    except csv.Error as exc:
+        raise InputListError(f"{path}: cannot read the CSV header: {exc}") from None
+    if names is None:
+        return None, 0, 0
+    fieldnames = _normalize_header(names) or []
+    check_csv_header(fieldnames, path)
+    return CsvHeader(delimiter, tuple(fieldnames)), pos, reader.line_num
+
+
+def slice_records(data: bytes, fmt: str, first_line: int = 1, header: CsvHeader | None = None) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """(record, offset just past it, lines read so far) for a slice of a UTF-8 LIST cut at record
+    boundaries: ``fmt`` is ``lines`` (.txt), ``jsonl`` or ``csv`` (then ``header`` is the file's
+    header and the slice holds data records only); ``first_line`` is the slice's first line number.
+
+    Gives the records :func:`iter_records` gives for the same lines of the whole file."""
+    if fmt == "csv":
+        assert header is not None
+        pos = 0
+
+        def lines() -> Iterator[str]:
+            nonlocal pos
+            for line, end in iter_line_spans(data):
+                pos = end
+                yield line
+
+        reader = csv.DictReader(lines(), fieldnames=list(header.fieldnames), delimiter=header.delimiter)
+        for rec in _csv_dicts(reader, first_line - 1):
+            yield rec, pos, reader.reader.line_num
+        return
+    parse = parse_jsonl_line if fmt == "jsonl" else parse_text_line
+    for n, (line, end) in enumerate(iter_line_spans(data), 1):
+        rec = parse(line.rstrip("\r\n"), first_line + n - 1)
+        if rec is not None:
+            yield rec, end, n
+
+
+def spans_lines(record: dict[str, Any]) -> bool:
+    """Whether a CSV record holds a line end in a value (a quoted field that spans lines)."""
+    for value in record.values():
+        for v in value if isinstance(value, list) else (value,):
+            if isinstance(v, str) and ("\n" in v or "\r" in v):
+                return True
+    return False
 
 
 def iter_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -254,7 +365,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
     except OSError as exc:
         raise InputListError(f"cannot read input list {path}: {exc.strerror or exc}") from None
     with f:
-        encoding, bom = _detect_encoding(f.read(512))
+        encoding, bom = detect_encoding(f.read(512))
         f.seek(0)
         if encoding != "utf-8":
             yield from records_from_bytes(f.read(), suffix, path)  # UTF-16/32: decoded whole
@@ -346,10 +457,8 @@ def _looks_like_path(url: str) -> bool:
     return bool(url) and not _is_url(url) and ("/" in url or bool(Path(url).suffix)) and " " not in url
 
 
-def record_to_row(record: dict[str, Any], index: int) -> Row:
-    """One LIST record -> a video row, or an ingest error row for a record that cannot be used.
-
-    Pure and per record (no duplicate check: see :func:`mark_duplicates`); never raises."""
+def _assess(record: dict[str, Any]) -> tuple[dict[str, Any], str, str | None, str, str | None]:
+    """(normalised record, url, given id, error type, problem or None): the checks of one record."""
     rec = normalize_record(record)
     for name in ("url", "id"):  # a binary column (parquet) holding text
         if isinstance(rec.get(name), (bytes, bytearray)):
@@ -358,7 +467,6 @@ def record_to_row(record: dict[str, Any], index: int) -> Row:
     url = "" if url_value is None else str(url_value).strip()
     given = rec.get("id")
     given_text = None if given is None or (isinstance(given, str) and not given.strip()) else str(given)
-    meta = {k: _jsonable(v) for k, v in rec.items() if k not in ("url", "id", "_error")}
     problem: str | None = rec.get("_error")
     kind = "invalid_input"
     if problem is None and not url:
@@ -377,6 +485,22 @@ def record_to_row(record: dict[str, Any], index: int) -> Row:
             if kind == "not_found" and not _looks_like_path(url):
                 kind = "invalid_input"
                 problem = f"not a URL ({', '.join(URL_SCHEMES)}) and no such local file: {_printable(redact_url(url))!r}"
+    return rec, url, given_text, kind, problem
+
+
+def usable_video_id(record: dict[str, Any]) -> str | None:
+    """The ``video_id`` :func:`record_to_row` gives a usable record (before duplicate marking), or
+    None for a record it turns into an error row: the same checks, without building the row."""
+    _, url, given_text, _, problem = _assess(record)
+    return None if problem is not None else make_video_id(url, given_text)
+
+
+def record_to_row(record: dict[str, Any], index: int) -> Row:
+    """One LIST record -> a video row, or an ingest error row for a record that cannot be used.
+
+    Pure and per record (no duplicate check: see :func:`mark_duplicates`); never raises."""
+    rec, url, given_text, kind, problem = _assess(record)
+    meta = {k: _jsonable(v) for k, v in rec.items() if k not in ("url", "id", "_error")}
     storable = url if problem is None else _printable(url)
     if given_text is not None and _unusable(given_text, "id"):
         given_text = _printable(given_text)
@@ -392,29 +516,31 @@ def record_to_row(record: dict[str, Any], index: int) -> Row:
     return row
 
 
+def duplicate_row(row: Row, first: int) -> Row:
+    """A usable row whose ``video_id`` the row at input index ``first`` already has, as an
+    ``ingest/duplicate_input`` error row with a distinct id."""
+    vid, index = row["video_id"], row["input_index"]
+    what = "url" if vid == make_video_id(row.get("fetch_url") or "") else "id"
+    return {
+        **row,
+        "video_id": f"{vid}-dup{index}",
+        "error_stage": "ingest",
+        "error_type": "duplicate_input",
+        "error": f"same {what} as input line {first + 1}",
+    }
+
+
 def mark_duplicates(rows: Iterable[Row], seen: dict[str, int] | None = None) -> Iterator[Row]:
     """Rows in order; a usable row whose ``video_id`` an earlier row already has becomes an
-    ``ingest/duplicate_input`` error row with a distinct id. ``seen`` maps ids to input indexes
-    and may be shared across calls."""
+    ``ingest/duplicate_input`` error row (:func:`duplicate_row`). ``seen`` maps ids to input
+    indexes and may be shared across calls."""
     seen = {} if seen is None else seen
     for row in rows:
         if row.get("error_stage"):
             yield row
             continue
-        vid, index = row["video_id"], row["input_index"]
-        first = seen.get(vid)
-        if first is None:
-            seen[vid] = index
-            yield row
-            continue
-        what = "url" if vid == make_video_id(row.get("fetch_url") or "") else "id"
-        yield {
-            **row,
-            "video_id": f"{vid}-dup{index}",
-            "error_stage": "ingest",
-            "error_type": "duplicate_input",
-            "error": f"same {what} as input line {first + 1}",
-        }
+        first = seen.setdefault(row["video_id"], row["input_index"])
+        yield row if first == row["input_index"] else duplicate_row(row, first)
 
 
 def read_inputs(list_path: str | Path) -> list[Row]:

@@ -205,3 +205,208 @@ def test_old_mac_line_ends(tmp_path: Path, suffix: str) -> None:
     f = tmp_path / f"cr{suffix}"
     f.write_bytes(body.encode())
     assert [r["source_url"] for r in read_inputs(f)] == urls
+
+
+# ----------------------------------------------------------------------------- blocks read on workers
+
+
+def _planned(list_path: str | Path, per: int = 3, done: set[int] | None = None, retry: dict[int, set[str]] | None = None,
+             **kw: object) -> tuple[list[dict], list, "IngestCounts"]:  # fmt: skip
+    """Rows of every planned block, read in-process (pickled first, as a Ray read task gets it)."""
+    import pickle
+
+    from pipeline.ingest import IngestCounts, plan_blocks
+
+    counts = IngestCounts()
+    blocks = list(plan_blocks(list_path, per, done or set(), retry, counts, **kw))  # type: ignore[arg-type]
+    rows: list[dict] = []
+    for block in blocks:
+        got = pickle.loads(pickle.dumps(block)).read()
+        by_partition: dict[int, int] = {}
+        for r in got:
+            by_partition[r["input_index"] // per] = by_partition.get(r["input_index"] // per, 0) + 1
+        assert by_partition == {p: n for p, n in block.partitions.items() if n}, "a block's partitions count its rows"
+        assert block.rows == len(got)
+        rows += got
+    return rows, blocks, counts
+
+
+def _today(list_path: Path, per: int = 3, done: set[int] | None = None, retry: dict[int, set[str]] | None = None) -> list[dict]:
+    from pipeline.ingest import IngestCounts, iter_partitions
+
+    def wanted(p: int, row: dict) -> bool:
+        return p not in (done or set()) or (retry is not None and row["video_id"] in retry.get(p, ()))
+
+    return [r for _, part in iter_partitions(list_path, per, wanted, IngestCounts()) for r in part]
+
+
+_HARD_TXT = (
+    b"\xef\xbb\xbf# exported list\r\n"
+    b"http://127.0.0.1:1/a.mp4\r\n"
+    b"\r\n"
+    b"   \n"
+    b"http://127.0.0.1:1/b.mp4\r"
+    b"http://127.0.0.1:1/caf\xe9.mp4\n"  # not UTF-8
+    b"http://127.0.0.1:1/a.mp4\n"  # duplicate of line 2
+    b"  # indented comment\n"
+    b"http://127.0.0.1:1/" + b"x" * 300 + b".mp4\r\n"
+    b"just words here\n"
+    b"rtsp://127.0.0.1/cam\n"
+    b"http://127.0.0.1:1/nul\x00.mp4\n"
+    b"http://127.0.0.1:1/b.mp4\r\n"  # duplicate of line 5
+    b"http://127.0.0.1:1/c.mp4"  # no line end
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 25, 64, 1 << 20])
+@pytest.mark.parametrize("block_rows", [1, 2, 5])
+def test_blocks_give_the_rows_of_a_whole_file_read(tmp_path: Path, chunk: int, block_rows: int) -> None:
+    """Cut anywhere (inside CRLFs, BOM, long lines), the blocks give today's rows: same indexes,
+    line numbers in messages, error rows and duplicates (across blocks and bucket files)."""
+    f = tmp_path / "hard.txt"
+    f.write_bytes(_HARD_TXT)
+    rows, blocks, counts = _planned(f, chunk_bytes=chunk, block_rows=block_rows, buckets=3)
+    assert rows == _today(f)
+    assert counts.inputs == len(rows) == 10 and counts.unusable == sum(1 for r in rows if r.get("error_stage"))
+    assert [r.get("error_type") for r in rows if r.get("error_stage")].count("duplicate_input") == 2
+    assert "line 6 is not valid UTF-8" in rows[2]["error"]
+    assert counts.partitions == set(range(4))
+    if chunk == 1 and block_rows == 1:
+        assert len(blocks) >= 10  # really split
+
+
+def _write(path: Path, fmt: str, records: list[dict]) -> None:
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=4)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records) + "\nnot json\n")
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        path.write_text("url" + sep + "id" + sep + "title\r\n" + "".join(f"{r['url']}{sep}{r['id']}{sep}{r['title']}\r\n" for r in records))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_tabular_blocks_match_a_whole_file_read(tmp_path: Path, fmt: str) -> None:
+    records = [
+        {"url": f"http://127.0.0.1:1/{i % 17}.mp4", "id": f"v{i % 23}" if i % 5 else "", "title": f"t{i}"}
+        for i in range(60)
+    ]
+    f = tmp_path / f"l.{fmt}"
+    _write(f, fmt, records)
+    want = _today(f, per=4)
+    assert any(r.get("error_type") == "duplicate_input" for r in want)
+    for chunk, block_rows in [(13, 3), (97, 8), (1 << 20, 64)]:
+        rows, blocks, _ = _planned(f, per=4, chunk_bytes=chunk, block_rows=block_rows, buckets=4)
+        assert rows == want, (chunk, block_rows)
+    if fmt == "parquet":
+        assert [b.end - b.start for b in blocks] and max(b.end for b in blocks) == 15  # whole row groups
+
+
+def test_csv_with_quoted_line_ends_is_scanned_in_a_chain(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A quoted field spanning lines makes the speculative split invalid: the chained scan still
+    cuts the CSV only at record boundaries, and line numbers in messages stay right."""
+    f = tmp_path / "q.csv"
+    lines = ['"url","title"\n']
+    for i in range(40):
+        title = f'"line one\nline ""two"" {i}"' if i % 3 == 0 else f"plain {i}"
+        url = f"http://127.0.0.1:1/{i % 11}.mp4" if i != 7 else "\udcff"
+        lines.append(f"{url},{title}\r\n")
+    f.write_bytes("".join(lines).encode("utf-8", "surrogateescape"))
+    want = _today(f, per=2)
+    assert "CSV line" in next(r["error"] for r in want if r.get("error_type") == "invalid_input")
+    with caplog.at_level("INFO", logger="pipeline.ingest"):
+        rows, blocks, _ = _planned(f, per=2, chunk_bytes=40, block_rows=4, buckets=2)
+    assert rows == want and len(blocks) > 3
+    assert "spanning lines" in caplog.text
+
+
+def test_wide_encodings_are_one_block(tmp_path: Path) -> None:
+    for name, encoding in [("w.txt", "utf-16"), ("w.csv", "utf-32"), ("bare.txt", "utf-16-le")]:
+        f = tmp_path / name
+        body = "url\tid\r\n" if name.endswith(".csv") else ""
+        body += "".join(f"http://127.0.0.1:1/ü{i % 5}.mp4" + ("\tx" + str(i) if name.endswith(".csv") else "") + "\r\n" for i in range(9))
+        f.write_bytes(body.encode(encoding))
+        rows, blocks, _ = _planned(f, per=2, chunk_bytes=8, block_rows=2)
+        assert rows == _today(f, per=2) and len(rows) == 9 and len(blocks) == 1
+
+
+def test_resume_and_retry_blocks_count_only_what_they_yield(tmp_path: Path) -> None:
+    f = tmp_path / "l.txt"
+    f.write_text("".join(f"http://127.0.0.1:1/{i}.mp4\n" + ("\n# gap\n" if i % 4 == 0 else "") for i in range(50)))
+    everything = _today(f, per=5)
+    retry = {2: {everything[11]["video_id"], everything[13]["video_id"]}, 7: {everything[39]["video_id"]}}
+    done = {0, 1, 2, 3, 7, 8}
+    for chunk in (9, 33, 1 << 20):
+        rows, blocks, counts = _planned(f, per=5, done=done, retry=retry, chunk_bytes=chunk, block_rows=4)
+        assert rows == _today(f, per=5, done=done, retry=retry)
+        assert [r["input_index"] for r in rows if r["input_index"] < 45] == [11, 13, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 39]
+        assert sum(b.partitions.get(2, 0) for b in blocks) == 2  # a retried partition: its retried videos
+        assert sum(1 for b in blocks if 2 in b.partitions) == 1  # ... in one block
+        assert counts.inputs == 50
+    rows, blocks, _ = _planned(f, per=5, done=set(range(10)), retry=None, chunk_bytes=9)
+    assert rows == [] and blocks == []
+
+
+def test_planning_errors_and_empty_lists(tmp_path: Path) -> None:
+    from pipeline.ingest import IngestCounts, plan_blocks
+
+    with pytest.raises(InputListError, match="not found"):
+        list(plan_blocks(tmp_path / "missing.txt", 8, set(), None, IngestCounts()))
+    bad = tmp_path / "x.csv"
+    bad.write_text("link,name\na,b\n")
+    with pytest.raises(InputListError, match="url"):
+        list(plan_blocks(bad, 8, set(), None, IngestCounts()))
+    nourl = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"link": ["a"]}), nourl)
+    with pytest.raises(InputListError, match="url"):
+        list(plan_blocks(nourl, 8, set(), None, IngestCounts()))
+    for name, body in [("e.txt", b""), ("h.csv", b"url,id\n"), ("c.txt", b"# only\n\n\r\n")]:
+        (tmp_path / name).write_bytes(body)
+        rows, blocks, counts = _planned(tmp_path / name, chunk_bytes=2)
+        assert rows == [] and counts.inputs == 0
+
+
+def test_scratch_and_list_on_object_storage(tmp_path: Path) -> None:
+    """An s3:// LIST is read by ranged GETs and the id buckets go to an s3:// scratch folder
+    (a real S3-compatible server on 127.0.0.1), then are removed."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+            mp.setenv(k, v)
+        import boto3
+
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="lists")
+        f = tmp_path / "hard.txt"
+        f.write_bytes(_HARD_TXT)
+        client.upload_file(str(f), "lists", "in/hard.txt")
+        rows, blocks, _ = _planned("s3://lists/in/hard.txt", chunk_bytes=16, block_rows=2, buckets=2, scratch="s3://lists/tmp")
+        assert rows == _today(f) and len(blocks) > 2
+        assert client.list_objects_v2(Bucket="lists", Prefix="tmp/").get("KeyCount") == 0
+    finally:
+        mp.undo()
+        server.stop()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_lists_match_a_whole_file_read(tmp_path: Path, seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    pieces = [b"http://127.0.0.1:1/%d.mp4" % rnd.randrange(30) for _ in range(120)]
+    pieces += [b"", b"   ", b"# c", b"\xff\xfe", b"nope", b"\xef\xbb\xbfhttp://127.0.0.1:1/1.mp4", b"\x00"] * 3
+    rnd.shuffle(pieces)
+    data = b"".join(p + rnd.choice([b"\n", b"\r\n", b"\r"]) for p in pieces)
+    f = tmp_path / "r.txt"
+    f.write_bytes(data)
+    per = rnd.randrange(1, 9)
+    done = {p for p in range(40) if rnd.random() < 0.3}
+    rows, _, _ = _planned(f, per=per, done=done, chunk_bytes=rnd.randrange(1, 200), block_rows=rnd.randrange(1, 20),
+                          buckets=rnd.randrange(1, 5))  # fmt: skip
+    assert rows == _today(f, per=per, done=done)
