@@ -354,7 +354,10 @@ class DedupConfig(Section):
     rows_per_task: int = Field(
         20_000, ge=100, description="distributed: clips per shuffle partition (bounds each task's memory)"
     )
-    pairs_per_task: int = Field(20_000, ge=100, description="distributed: candidate pairs verified per task")
+    codes_per_task: int = Field(
+        2_000_000, ge=1000, description="distributed: LSH entries (code x band) per bucket partition (~100 B each in a task)"
+    )
+    pairs_per_task: int = Field(5_000, ge=100, description="distributed: candidate pairs verified per task")
 
 
 class PoolConfig(Section):

@@ -104,7 +104,8 @@ PERCEPTUAL = {
     "frames": ("frame_hashes", "hash_times", len(FRAME_SCALES), DEFAULT_FRAME_STEP, True),
     "audio": ("audio_fingerprint", "code_times", 1, DEFAULT_AUDIO_STEP, False),
 }
-MAX_COMPONENT = 48  # verification: clips per sub-table (a larger component is verified pair by pair)
+MAX_COMPONENT = 48  # verification: a connected component of more clips is verified pair by pair
+BATCH_CODES = 4096  # verification: codes per sub-table (its search is brute force: cost ~ codes^2)
 
 
 # --------------------------------------------------------------------------- files
@@ -224,7 +225,7 @@ def decide(
         files.append(SignalFile(str(uri), len(files), False))
     storage.remove_tree(out_uri)  # decisions are made anew over every file
     counts = run_map(_count_rows, [f.uri for f in files]) if files else []
-    total = int(sum(counts))
+    total = int(sum(c[0] for c in counts))
     mode = cfg.job
     if mode == "auto":
         mode = "distributed" if total >= cfg.distributed_min_rows else "single"
@@ -238,8 +239,17 @@ def decide(
     return summary
 
 
-def _count_rows(uri: str) -> int:
-    return int(pq.ParquetFile(storage.localize(uri)).metadata.num_rows)
+def _count_rows(uri: str) -> tuple[int, int]:
+    """(rows, frame and audio codes) of a signal file, from its parquet footer alone."""
+    meta = pq.ParquetFile(storage.localize(uri)).metadata
+    codes = 0
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            if col.path_in_schema.split(".", 1)[0] in ("frame_hashes", "audio_fingerprint"):
+                codes += int(col.num_values)
+    return int(meta.num_rows), codes
 
 
 def _single_task(files: list[SignalFile], cfg: DedupConfig, out_uri: str) -> dict[str, Any]:
@@ -344,18 +354,22 @@ class Plan:
 
 
 class DistributedJob:
-    def __init__(self, files: list[SignalFile], counts: list[int], cfg: DedupConfig, out_uri: str, run_map: MapFn):
+    def __init__(
+        self, files: list[SignalFile], counts: list[tuple[int, int]], cfg: DedupConfig, out_uri: str, run_map: MapFn
+    ) -> None:
+        """``counts``: (rows, codes) per file (``_count_rows``): partition counts follow from them."""
         self.files, self.cfg, self.out_uri, self.run_map = files, cfg, out_uri, run_map
-        n = max(1, int(sum(counts)))
+        n = max(1, int(sum(c[0] for c in counts)))
+        codes = int(sum(c[1] for c in counts))
         per_file = max(1, n // max(1, len(files)))
         self.work = storage.join(str(out_uri).rstrip("/").rsplit("/", 1)[0], "work")
         nlist = ivf_nlist(n)
         self.plan = Plan(
             cfg=cfg, work=self.work, n_fixed_files=sum(f.fixed for f in files),
             exact_parts=max(1, math.ceil(n / (cfg.rows_per_task * 20))),
-            bucket_parts=max(1, math.ceil(n / cfg.rows_per_task)),
+            bucket_parts=max(1, math.ceil(2 * codes * cfg.lsh_bands / cfg.codes_per_task)),
             files_per_chunk=max(1, cfg.rows_per_task // per_file),
-            cell_parts=max(1, math.ceil(n * min(cfg.nprobe, nlist) / cfg.rows_per_task)),
+            cell_parts=max(1, math.ceil(n * min(cfg.nprobe, nlist) / (4 * cfg.rows_per_task))),
             nlist=nlist, sample_per_file=math.ceil(min(n, nlist * 32) / max(1, len(files))),
         )  # fmt: skip
         self.seconds: dict[str, float] = {}
@@ -852,11 +866,28 @@ def _verify_group(plan: Plan, item: tuple[int, np.ndarray]) -> dict[str, Any]:
     comp_of_pair = label[a]
     order = np.argsort(comp_of_pair, kind="stable")
     bounds = np.flatnonzero(np.r_[True, comp_of_pair[order][1:] != comp_of_pair[order][:-1], True])
-    batches: list[np.ndarray] = []
+    units: list[np.ndarray] = []  # components (or single pairs of a big one) ...
     for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         sel = order[s:e]
         rows = np.unique(np.r_[a[sel], b[sel]])
-        batches += [sel] if len(rows) <= MAX_COMPONENT else [np.array([p]) for p in sel.tolist()]
+        units += [sel] if len(rows) <= MAX_COMPONENT else [np.array([p]) for p in sel.tolist()]
+    # ... packed into sub-tables of up to BATCH_CODES codes: a pair's evidence depends on its two
+    # clips alone (with the common units given), so clips of other pairs beside them change nothing
+    codes = np.zeros(len(gids), np.int64)
+    for col in ("frame_hashes", "audio_fingerprint"):
+        codes += pc.fill_null(pc.list_value_length(t.column(col)), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    batches: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    size = 0
+    for sel in units:
+        c = int(codes[np.unique(np.r_[a[sel], b[sel]])].sum())
+        if current and size + c > BATCH_CODES:
+            batches.append(np.concatenate(current))
+            current, size = [], 0
+        current.append(sel)
+        size += c
+    if current:
+        batches.append(np.concatenate(current))
     for sel in batches:
         rows = np.unique(np.r_[a[sel], b[sel]])
         local = {int(r): i for i, r in enumerate(rows.tolist())}

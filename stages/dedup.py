@@ -32,14 +32,19 @@ becomes a representative. So a chain of links (A~B, B~C) never merges A and C by
 ``duplicate_of`` always names a kept clip the duplicate was itself matched with
 (``grouping="connected"`` restores union-find). Duplicates get ``drop_reason="duplicate"``.
 
-The phase works on a table of signals: ``process_all`` writes it to
-``STAGING/dedup/signals.parquet``, decides from it, and writes the decisions (with a readable
-``evidence`` column: ratio, segments, offset and overlap of each link) to
-``STAGING/dedup/duplicates.parquet``; ``dedup_parquet`` runs the same decision on signal files
-written earlier (re-runs, offline runs at scale). The core algorithms are plain functions on
-numpy arrays (``hamming_pairs``, ``cosine_pairs``, ``AlignedMatches``,
+The phase works on tables of signals (``signals_table``): the engine writes one per input
+partition on the workers (``DedupStage.phase_signals`` -> ``OUTPUT/signals/``, kept in the output
+so that later runs can dedup against it), ``DedupStage.decide`` decides over the files
+(stages/_dedup_scale.py: one task running ``find_duplicates`` below ``distributed_min_rows``
+clips, a distributed job above it whose candidate pairs are verified by the same rule,
+``verified_links``) and writes the decisions of each partition (with a readable ``evidence``
+column: ratio, segments, offset and overlap of each link) to
+``STAGING/dedup/decisions/{partition:06d}.parquet``; ``apply_partition`` turns them into updates.
+``dedup_parquet`` decides again on one machine from signal files. The core algorithms are plain
+functions on numpy arrays (``hamming_pairs``, ``cosine_pairs``, ``AlignedMatches``,
 ``group_by_representative``, ``rank_keys``) so benchmarks call them directly. Precision and
-recall on hard negatives: ``python -m tests.bench.dedup_bench --hard``. Scaling to 100 M clips:
+recall on hard negatives: ``python -m tests.bench.dedup_bench --hard``; the distributed job at
+10^5-10^6 clips: ``python -m tests.bench.dedup_scale_bench``. Scaling to 100 M clips:
 infra/DEDUP_SCALING.md.
 
 Placed early in ``stages`` (``[download, split, extract, quality, fingerprint, dedup, asr, ...]``)
@@ -613,7 +618,7 @@ class AlignedMatches:
             self.common = np.asarray(common, bool)
         else:  # document frequency: other clips each unit matches
             self.common = unit_document_frequency(ua, cs.unit_owner[ub], cs.n_units) > max_clips
-        if self.common.any():
+        if common is None and self.common.any():
             log.info("dedup: %d of %d %s units are common (match > %d clips): ignored",
                      int(self.common.sum()), cs.n_units, cs.name, max_clips)  # fmt: skip
         keep = ~self.common[ua] & ~self.common[ub] if len(ua) else np.zeros(0, bool)

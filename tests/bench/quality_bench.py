@@ -10,8 +10,9 @@ It generates a corpus with ground truth (:mod:`tests.bench.quality_corpus`: orig
 negatives, planted duplicates of every transform, planted bad videos), serves it on 127.0.0.1 (the
 yt-dlp path, as in production) with a CSV LIST carrying titles and descriptions, runs the full
 offline pipeline (:data:`FULL_STAGES`, default models) through ``pipeline.runner.run_pipeline``,
-reads ``index.parquet``, ``rejects.parquet``, ``errors.parquet`` and
-``_staging/dedup/duplicates.parquet``, and reports (stdout and ``WORKDIR/quality.json``):
+reads ``index.parquet``, ``rejects.parquet``, ``errors.parquet``, the dedup signals
+(``signals/*.parquet``: every clip that reached dedup) and decisions
+(``_staging/dedup/decisions/*.parquet``: the clips in duplicate groups), and reports (stdout and ``WORKDIR/quality.json``):
 
 * **dedup**: pairwise precision and recall over the clips that reached dedup; a pair is a true
   duplicate when both clips show the same original over the same time span (on the original's
@@ -80,6 +81,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def _read_dir(folder: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(folder.glob("*.parquet")) for r in pq.read_table(f, columns=columns).to_pylist()]
 
 
 def read_outputs(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], bool]:
@@ -210,11 +217,11 @@ def evaluate(out: Path, truth: list[VideoTruth], max_unsupported: float = 0.2) -
 
 def evaluate_dedup(out: Path, clips: list[dict[str, Any]], videos: dict[str, VideoTruth], span: Any) -> dict[str, Any]:
     by_key = {r["key"]: r for r in clips}
-    decisions = _read(out / "_staging" / "dedup" / "duplicates.parquet")
-    if decisions and any(d["key"] not in by_key for d in decisions):
+    decisions = _read_dir(out / "_staging" / "dedup" / "decisions")  # clips in duplicate groups
+    sig = _read_dir(out / "signals", ["key", "clip_index", "duration"])  # every clip that reached dedup
+    if sig and any(s["key"] not in by_key for s in sig):
         # an unfinished run has not written every clip yet: place the others from dedup's own signal
         # table (clips of a video are contiguous: a clip starts where the previous one ends)
-        sig = _read(out / "_staging" / "dedup" / "signals.parquet")
         per_video: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in sig:
             per_video[row["key"].rsplit("_", 1)[0]].append(row)
@@ -229,12 +236,13 @@ def evaluate_dedup(out: Path, clips: list[dict[str, Any]], videos: dict[str, Vid
                     by_key[row["key"]] = {"key": row["key"], "video_id": vid, "clip_start": start, "clip_end": end}
                 start = end
     signals: dict[str, list[str]] = {}
-    if decisions:
-        source = "_staging/dedup/duplicates.parquet"
-        universe = [d["key"] for d in decisions if d["key"] in by_key]
-        group_of = {d["key"]: d["group"] for d in decisions if d["key"] in by_key}
+    if sig:
+        source = "signals/ and _staging/dedup/decisions/"
+        universe = [s["key"] for s in sig if s["key"] in by_key]
+        decided = {d["key"]: d["group"] for d in decisions}
+        group_of = {k: decided.get(k, k) for k in universe}
         signals = {d["key"]: list(d.get("signals") or []) for d in decisions}
-    else:  # no decision file: rebuild the groups from duplicate_of, over clips no earlier filter dropped
+    else:  # no signal files: rebuild the groups from duplicate_of, over clips no earlier filter dropped
         source = "rejects.parquet duplicate_of"
         early = {"black", "frozen", "silent", "no_audio", "no_video", "too_short", "static", "blurry",
                  "colourless", "slideshow", "nsfw"}  # fmt: skip
