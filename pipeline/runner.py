@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import layout, storage
-from pipeline.blocks import InputBlock, RowsBlock, StagedBlock
+from pipeline.blocks import InputBlock, StagedBlock
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import ConfigError
 from pipeline.executor import apply_stage
-from pipeline.ingest import IngestCounts, iter_partitions
+from pipeline.ingest import IngestCounts, plan_blocks
 from pipeline.lock import output_lock
 from pipeline.registry import build_stages
 from pipeline.resume import (
@@ -299,20 +299,16 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
     writer = ShardWriter(target, retry.only_keys if retry else None)
     counts = IngestCounts()
 
-    def wanted(p: int, row: Row) -> bool:
-        return p not in done or (retry is not None and row["video_id"] in retry.videos.get(p, ()))
-
     def blocks() -> Iterator[InputBlock]:
-        pending: list[Row] = []
-        shares: dict[int, int] = {}
-        for p, rows in iter_partitions(input_list, per, wanted, counts):
-            pending += rows
-            shares[p] = len(rows)
-            if len(pending) >= config.ray.input_block_rows:
-                yield RowsBlock(pending, shares)
-                pending, shares = [], {}
-        if pending:
-            yield RowsBlock(pending, shares)
+        """The LIST planned as blocks read on the workers (its scan tasks run where the stages do)."""
+        map_fn: MapFn = map_in_process
+        if backend != "sequential":
+            from pipeline.ray_runner import init_ray, ray_map
+
+            init_ray(config)
+            map_fn = ray_map
+        yield from plan_blocks(input_list, per, done, retry.videos if retry else None, counts,
+                               block_rows=config.ray.input_block_rows, map_fn=map_fn, scratch=staging.uri)  # fmt: skip
 
     def planned() -> Iterator[InputBlock]:
         for block in blocks():
