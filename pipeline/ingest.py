@@ -509,7 +509,8 @@ def _blocks(src: ListSource, segments: np.ndarray, per: int, done: set[int] | fr
         return block
 
     index, line = 0, src.first_line
-    for start, end, n, lines in segments.tolist():
+    rows = (row for i in range(0, len(segments), 4096) for row in segments[i : i + 4096].tolist())
+    for start, end, n, lines in rows:  # Python ints a slice at a time (a list of them all is ~200 B a segment)
         s, first_line = index, line
         index, line = index + n, line + lines
         if n == 0:

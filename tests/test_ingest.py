@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -410,3 +411,25 @@ def test_random_lists_match_a_whole_file_read(tmp_path: Path, seed: int) -> None
     rows, _, _ = _planned(f, per=per, done=done, chunk_bytes=rnd.randrange(1, 200), block_rows=rnd.randrange(1, 20),
                           buckets=rnd.randrange(1, 5))  # fmt: skip
     assert rows == _today(f, per=per, done=done)
+
+
+def test_scan_and_resolve_run_as_ray_tasks(tmp_path: Path) -> None:
+    """The scan and resolve passes through ``ray_map`` (Ray Data tasks on worker processes), the
+    id buckets in a scratch folder, the blocks read by Ray read tasks: today's rows."""
+    from pipeline.config import load_config
+    from pipeline.ingest import IngestCounts, plan_blocks
+    from pipeline.ray_runner import init_ray, ray_map
+
+    f = tmp_path / "hard.txt"
+    f.write_bytes(_HARD_TXT * 3)
+    init_ray(load_config(None, ["ray.num_cpus=2", "ray.progress_bars=false"]))
+    import ray
+
+    counts = IngestCounts()
+    blocks = list(plan_blocks(f, 3, set(), None, counts, block_rows=4, chunk_bytes=100, buckets=2, map_fn=ray_map,
+                              scratch=str(tmp_path / "scratch")))  # fmt: skip
+    read = ray.remote(lambda block: (block.read(), os.getpid()))
+    results = ray.get([read.remote(b) for b in blocks])
+    assert [r for rows, _ in results for r in rows] == _today(f)
+    assert os.getpid() not in {pid for _, pid in results}  # read by worker processes
+    assert counts.inputs == 30 and not list((tmp_path / "scratch").iterdir())
