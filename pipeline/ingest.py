@@ -374,10 +374,11 @@ def _resolve(parts: list[tuple[int, str]]) -> np.ndarray:
     return out[np.argsort(out[:, 0], kind="stable")]
 
 
-@dataclass
+@dataclass(slots=True)
 class ListBlock:
     """A range of the LIST read on a worker (an ``InputBlock``): ``read()`` gives its rows this run
-    processes, in LIST order, exactly as the whole-file reader would give them."""
+    processes, in LIST order, exactly as the whole-file reader would give them. Small (the driver
+    may hold every block of a run): a few ints and dicts of its own partitions and duplicates."""
 
     source: ListSource
     start: int  # bytes; row groups for parquet
@@ -385,10 +386,10 @@ class ListBlock:
     first_index: int  # record number of the first record in the range
     first_line: int  # line number of the first line in the range
     per_partition: int
-    want: dict[int, frozenset[str] | None]  # partition -> None (all its rows) or the video ids retried
-    duplicates: dict[int, int]  # record number -> record number of the id's first occurrence
-    partitions: dict[int, int]  # partition -> rows this block yields in this run
-    rows: int
+    partitions: dict[int, int]  # partition -> rows this block yields in this run (no other is read)
+    rows: int = 0
+    retry: dict[int, frozenset[str]] | None = None  # partition -> the only video ids it yields
+    duplicates: dict[int, int] | None = None  # record number -> the record number of the id's first occurrence
 
     def _records(self) -> Iterator[dict[str, Any]]:
         src = self.source
@@ -407,13 +408,13 @@ class ListBlock:
         out: list[Row] = []
         for index, record in enumerate(self._records(), self.first_index):
             p = layout.partition_of(index, self.per_partition)
-            if p not in self.want:
+            if p not in self.partitions:
                 continue
             row = record_to_row(record, index)
-            first = self.duplicates.get(index)
+            first = self.duplicates.get(index) if self.duplicates else None
             if first is not None and not row.get("error_stage"):
                 row = duplicate_row(row, first)
-            ids = self.want[p]
+            ids = self.retry.get(p) if self.retry else None
             if ids is None or row["video_id"] in ids:
                 out.append(row)
         return out
@@ -504,7 +505,7 @@ def _blocks(src: ListSource, segments: np.ndarray, per: int, done: set[int] | fr
 
     def close(block: ListBlock, last: int) -> ListBlock:
         lo, hi = np.searchsorted(dups[:, 0], [block.first_index, last])
-        block.duplicates = dict(dups[lo:hi].tolist())
+        block.duplicates = dict(dups[lo:hi].tolist()) or None
         block.rows = sum(block.partitions.values())
         return block
 
@@ -517,26 +518,28 @@ def _blocks(src: ListSource, segments: np.ndarray, per: int, done: set[int] | fr
             if cur is not None:
                 cur.end = end
             continue
-        want: dict[int, frozenset[str] | None] = {}
-        shares: dict[int, int] = {}
+        shares: dict[int, int] = {}  # partition -> its rows in this segment
+        retried: dict[int, frozenset[str]] = {}
         for p in range(s // per, (s + n - 1) // per + 1):
             if p not in done:
-                want[p], shares[p] = None, min(index, (p + 1) * per) - max(s, p * per)
+                shares[p] = min(index, (p + 1) * per) - max(s, p * per)
             elif p in retry:
-                want[p], shares[p] = frozenset(retry[p]), len(retry[p])
-        if not want:
+                retried[p] = frozenset(retry[p])
+        if not shares and not retried:
             if cur is not None:
                 yield close(cur, s)
                 cur = None
             continue
         if cur is None:
-            cur = ListBlock(src, start, end, s, first_line, per, {}, {}, {}, 0)
+            cur = ListBlock(src, start, end, s, first_line, per, {})
         cur.end = end
         for p, k in shares.items():
-            cur.partitions[p] = cur.partitions.get(p, 0) + k if want[p] is None else k
-        cur.want.update(want)
+            cur.partitions[p] = cur.partitions.get(p, 0) + k
+        if retried:
+            cur.retry = {**(cur.retry or {}), **retried}
+            cur.partitions.update((p, len(ids)) for p, ids in retried.items())
         last = (index - 1) // per
-        splits_retry = want.get(last) is not None and index < min(total, (last + 1) * per)
+        splits_retry = last in retried and index < min(total, (last + 1) * per)
         if sum(cur.partitions.values()) >= block_rows and not splits_retry:
             yield close(cur, index)
             cur = None
