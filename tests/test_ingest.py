@@ -433,3 +433,18 @@ def test_scan_and_resolve_run_as_ray_tasks(tmp_path: Path) -> None:
     assert [r for rows, _ in results for r in rows] == _today(f)
     assert os.getpid() not in {pid for _, pid in results}  # read by worker processes
     assert counts.inputs == 30 and not list((tmp_path / "scratch").iterdir())
+
+
+def test_lines_longer_than_a_read_window_and_a_multiline_csv_header(tmp_path: Path) -> None:
+    """A line longer than the 64 KiB window used to find line starts (and than a chunk) stays one
+    line; a CSV header with a quoted line end is read whole before the first record."""
+    f = tmp_path / "long.txt"
+    f.write_bytes(b"http://127.0.0.1:1/a.mp4\r" + b"http://127.0.0.1:1/" + b"y" * 200_000 + b"\r\nhttp://127.0.0.1:1/b.mp4\n" * 2)
+    for chunk in (1000, 70_000, 1 << 20):
+        rows, _, _ = _planned(f, chunk_bytes=chunk, block_rows=1)
+        assert rows == _today(f) and len(rows) == 4 and "too long" in rows[1]["error"]
+    c = tmp_path / "h.csv"
+    c.write_bytes(b'"url","ti\r\ntle"\r\n' + b"".join(b"http://127.0.0.1:1/%d.mp4,t%d\r\n" % (i % 4, i) for i in range(12)))
+    rows, blocks, _ = _planned(c, chunk_bytes=30, block_rows=2)
+    assert rows == _today(c) and len(rows) == 12 and len(blocks) > 2
+    assert json.loads(rows[0]["metadata_json"]) == {"ti\r\ntle": "t0"}
