@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -123,13 +123,24 @@ def frame_energy_db(audio: np.ndarray, window: float = 0.03) -> np.ndarray:
     return (10 * np.log10(power + 1e-12)).astype(np.float32)
 
 
+class Pause(NamedTuple):
+    """A pause in speech (seconds)."""
+
+    start: float
+    end: float
+    quietest: float  # centre of its quietest QUIET_WINDOW s
+
+
+QUIET_WINDOW = 0.05  # seconds averaged when looking for the quietest point of a pause
+
+
 def pauses(
     audio: np.ndarray,
     min_pause: float = 0.06,
     over_floor_db: float = 6.0,
     below_loud_db: float = 35.0,
     min_range_db: float = 12.0,
-) -> list[Span]:
+) -> list[Pause]:
     """Pauses in speech (seconds from the audio start), from energy relative to the local floor.
 
     A frame is quiet when its level is within ``over_floor_db`` of the floor (5th percentile of the
@@ -137,6 +148,10 @@ def pauses(
     the loud level (95th percentile: the speech), whichever is higher. Runs of quiet frames
     at least ``min_pause`` long are pauses. Audio whose levels span less than ``min_range_db``
     (steady music, a tone, silence throughout) has no pauses to tell apart: [] is returned.
+
+    A quiet run can hold the soft end of a word as well as the gap after it (the closure and the
+    faint release of a final stop, a fading fricative, a few dB over a hum), so each pause also
+    gives the centre of its quietest ``QUIET_WINDOW`` s: the gap between the words.
     """
     db = frame_energy_db(audio)
     if db.size < 5:
@@ -145,7 +160,8 @@ def pauses(
     if loud - floor < min_range_db:
         return []
     quiet = db <= max(floor + over_floor_db, loud - below_loud_db)
-    out: list[Span] = []
+    width = max(1, round(QUIET_WINDOW / HOP))
+    out: list[Pause] = []
     k, n = 0, len(quiet)
     while k < n:
         if not quiet[k]:
@@ -156,7 +172,11 @@ def pauses(
             j += 1
         a, b = k * HOP, j * HOP
         if b - a >= min_pause - 1e-9:
-            out.append((a, b))
+            run = db[k:j].astype(np.float64)
+            w = min(width, len(run))
+            mean = np.convolve(run, np.ones(w) / w, mode="valid")  # mean[i]: frames k+i .. k+i+w-1
+            q = k + int(np.argmin(mean)) + (w - 1) / 2
+            out.append(Pause(a, b, round(q * HOP, 3)))
         k = j
     return out
 

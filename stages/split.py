@@ -23,11 +23,12 @@ from pipeline.errors import StageError
 from pipeline.stage import Resources, Row, Stage, per_row
 from pipeline.storage import localize
 from stages._media import probe
+from stages._vad import Pause, load_audio_window, pauses
 
 log = logging.getLogger(__name__)
 
 EPS = 1e-6
-PAUSE_MARGIN = 0.25  # a moved cut stays this far inside its pause (s), or at its middle when it is shorter
+PAUSE_MARGIN = 0.25  # a moved cut stays this far inside its pause (s), or at its quietest point when it is shorter
 # A cut goes to the nearest pause of the first tier that has one in reach: pauses between sentences
 # or phrases (>= 0.3 s), then shorter breaks (>= 0.15 s), then any gap between two words.
 PAUSE_TIERS = (0.3, 0.15, 0.0)
@@ -66,18 +67,21 @@ def fixed_windows(
     return [(round(a, 6), round(b, 6)) for a, b in out]
 
 
-def nearest_pause_point(
-    b: float, spans: list[tuple[float, float]], lo: float, hi: float, margin: float = PAUSE_MARGIN
-) -> float | None:
-    """The point in a pause (``spans``) nearest ``b`` within [lo, hi], kept ``margin`` s inside the
-    pause where the pause is long enough (else its middle); None when no pause reaches [lo, hi]."""
+def nearest_pause_point(b: float, spans: list[Pause], lo: float, hi: float, margin: float = PAUSE_MARGIN) -> float | None:
+    """The point in a pause (``spans``) nearest ``b`` within [lo, hi]; None when no pause reaches [lo, hi].
+
+    In a pause at least twice ``margin`` long the point stays ``margin`` s inside it; in a shorter
+    one it is the pause's quietest point (its gap between words, not the faint end of a word that
+    the quiet run may also hold)."""
     best: float | None = None
-    for a, e in spans:
-        m = min(margin, (e - a) / 2)
-        p0, p1 = max(a + m, lo), min(e - m, hi)
+    for a, e, quietest in spans:
+        if e - a < 2 * margin:  # a short pause: its quietest point
+            p0, p1, aim = max(a, lo), min(e, hi), quietest
+        else:
+            p0, p1, aim = max(a + margin, lo), min(e - margin, hi), b
         if p0 > p1 + EPS:
             continue
-        point = min(max(b, p0), p1)
+        point = min(max(aim, p0), p1)
         if best is None or abs(point - b) < abs(best - b) - EPS:
             best = point
     return best
@@ -85,7 +89,7 @@ def nearest_pause_point(
 
 def snap_windows(
     windows: list[tuple[float, float]],
-    pauses_near: Callable[[float, float], list[tuple[float, float]]],
+    pauses_near: Callable[[float, float], list[Pause]],
     tolerance: float,
     min_len: float,
     max_len: float,
@@ -115,7 +119,7 @@ def snap_windows(
         if lo <= hi:
             spans = pauses_near(lo, hi)
             for shortest in PAUSE_TIERS:
-                point = nearest_pause_point(cut, [(a, b) for a, b in spans if b - a >= shortest], lo, hi)
+                point = nearest_pause_point(cut, [p for p in spans if p.end - p.start >= shortest], lo, hi)
                 if point is not None:
                     new = round(point, 3)
                     break
@@ -176,14 +180,12 @@ class SplitStage(Stage[SplitConfig]):
 
     def _snap(self, path: str, windows: list[tuple[float, float, list[float]]]) -> list[tuple[float, float, list[float]]]:
         """Fixed windows with their cuts moved into pauses of the audio (see the module docstring)."""
-        from stages._vad import load_audio_window, pauses
-
         cfg = self.config
 
-        def pauses_near(lo: float, hi: float) -> list[tuple[float, float]]:
+        def pauses_near(lo: float, hi: float) -> list[Pause]:
             # 1 s of context on each side, so the floor and speech levels are those of the neighbourhood
             audio, t0 = load_audio_window(path, max(0.0, lo - 1.0), hi + 1.0)
-            return [(t0 + a, t0 + b) for a, b in pauses(audio)]
+            return [Pause(t0 + a, t0 + b, t0 + q) for a, b, q in pauses(audio)]
 
         try:
             snapped = snap_windows(

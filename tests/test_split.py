@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +8,10 @@ import pytest
 
 from pipeline.config import SplitConfig
 from pipeline.errors import StageError
-from pipeline.tools.samples import synth_speech_wav
-from stages.split import SplitStage, fixed_windows, shot_windows, snap_windows
+from pipeline.tools.samples import synth_video
+from stages._vad import Pause
+from stages.split import SplitStage, fixed_windows, nearest_pause_point, shot_windows, snap_windows
+from tests.bench.split_bench import spoken, talk_video, voiced_spans, word_stream
 
 
 @pytest.mark.parametrize(
@@ -85,10 +85,10 @@ def test_split_too_short_and_unreadable(bad_dir: Path) -> None:
 
 
 def test_snap_windows_moves_cuts_into_the_nearest_pause_within_bounds() -> None:
-    pauses = [(8.5, 9.0), (11.8, 12.4), (19.0, 19.05), (23.0, 23.5)]
+    pauses = [Pause(a, b, (a + b) / 2) for a, b in [(8.5, 9.0), (11.8, 12.4), (19.0, 19.05), (23.0, 23.5)]]
 
-    def near(lo: float, hi: float) -> list[tuple[float, float]]:
-        return [(a, b) for a, b in pauses if b > lo and a < hi]
+    def near(lo: float, hi: float) -> list[Pause]:
+        return [p for p in pauses if p.end > lo and p.start < hi]
 
     windows = [(0.0, 10.0), (10.0, 20.0), (20.0, 30.0), (30.0, 37.0)]
     out = snap_windows(windows, near, tolerance=2.0, min_len=2.0, max_len=20.0)
@@ -105,20 +105,6 @@ def test_snap_windows_moves_cuts_into_the_nearest_pause_within_bounds() -> None:
     assert all(a < b for a, b in lapped)
 
 
-def _voiced_spans(samples: np.ndarray, rate: int, merge_gap: float = 0.1) -> list[tuple[float, float]]:
-    """Spans of 10 ms windows above 1 % of full scale, merging gaps shorter than ``merge_gap``."""
-    win = rate // 100
-    rms = np.sqrt(np.mean(samples[: len(samples) // win * win].reshape(-1, win) ** 2, axis=1))
-    spans: list[list[float]] = []
-    for k in np.flatnonzero(rms > 0.01):
-        t = k * win / rate
-        if spans and t - spans[-1][1] < merge_gap:
-            spans[-1][1] = t + win / rate
-        else:
-            spans.append([t, t + win / rate])
-    return [(a, b) for a, b in spans]
-
-
 @pytest.fixture(scope="module")
 def speech_over_tone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[float, float]]]:
     """A 30 s video whose speech (espeak-ng, over a quiet tone) covers 10 s and 20 s, the fixed cuts."""
@@ -132,13 +118,7 @@ def speech_over_tone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, li
         "Mix the blue and yellow paint to get a soft shade of green.",
         "Lower the sail and steer the boat into the wind.",
     ]
-    clips = []
-    for i, text in enumerate(texts):
-        synth_speech_wav(root / f"s{i}.wav", text)
-        with wave.open(str(root / f"s{i}.wav"), "rb") as w:
-            x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768.0
-        (a, b), *_ = [(s[0][0], s[-1][1]) for s in [_voiced_spans(x, rate)]]
-        clips.append(x[int(a * rate) : int(b * rate)])
+    clips = [spoken(text, root) for text in texts]  # espeak-ng, trimmed to the voiced part
     lengths = [len(c) / rate for c in clips]
     starts = [0.0] * len(clips)
     starts[1] = 10.0 - lengths[1] / 2  # centred on the 10 s cut
@@ -152,21 +132,8 @@ def speech_over_tone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, li
     speech = np.zeros(int(total * rate), np.float32)
     for s, c in zip(starts, clips, strict=True):
         speech[int(s * rate) : int(s * rate) + len(c)] += c
-    voiced = _voiced_spans(speech, rate)
-    t = np.arange(len(speech)) / rate
-    mix = speech + 0.03 * np.sin(2 * np.pi * 220 * t).astype(np.float32)  # a quiet tone under it all
-    wav = root / "mix.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(mix, -1, 1) * 32767).astype(np.int16).tobytes())
-    video = root / "talk.mp4"
-    subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=s=160x120:r=25:d={total:.2f}",
-         "-i", str(wav), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(video)],
-        check=True, timeout=120,
-    )  # fmt: skip
+    voiced = voiced_spans(speech, rate)
+    video = talk_video(root / "talk.mp4", speech)  # over a quiet tone
     return video, voiced
 
 
@@ -194,3 +161,42 @@ def test_fixed_cuts_never_fall_inside_speech(speech_over_tone: tuple[Path, list[
     assert [c["key"] for c in children] == ["v_0000", "v_0001", "v_0002"]
     (again,) = stage.process_batch([_row(video)])
     assert _cuts(again) == cuts  # deterministic: same input, same cuts, same keys
+
+
+def test_a_short_pause_is_cut_at_its_quietest_point() -> None:
+    # a quiet run holding a word's faint end (21.75-21.98) and the gap after it (quietest at 22.03)
+    merged = Pause(21.75, 22.08, 22.03)
+    assert nearest_pause_point(20.0, [merged], 18.0, 22.5) == 22.03
+    assert nearest_pause_point(20.0, [merged], 18.0, 21.9) == 21.9  # bounds win: clamped into [lo, hi]
+    long = Pause(8.0, 9.0, 8.3)  # a long pause: the point nearest the cut, 0.25 s inside it
+    assert nearest_pause_point(10.0, [long], 8.0, 12.0) == 8.75
+
+
+@pytest.fixture(scope="module")
+def no_pauses(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[float, float]]]:
+    """32 s of words spoken one by one 0.1 s apart (no longer pause), over a quiet tone; word times known."""
+    path, words, _ = word_stream(tmp_path_factory.mktemp("no_pauses") / "words.mp4", 32.0)
+    return path, words
+
+
+def test_speech_without_pauses_is_cut_between_words(no_pauses: tuple[Path, list[tuple[float, float]]]) -> None:
+    video, words = no_pauses
+    cfg = SplitConfig()  # 10 s clips, at most 20 s: no pause in reach of a cut but gaps between words
+    plain = SplitStage(cfg.model_copy(update={"snap_to_silence": False})).process_batch([_row(video)])[0]
+    assert sum(any(a < t < b for a, b in words) for t in _cuts(plain)) >= 2  # plain cuts hit words
+    (children,) = SplitStage(cfg).process_batch([_row(video)])
+    cuts = _cuts(children)
+    assert len(cuts) == len(_cuts(plain)) == 2
+    for cut, planned in zip(cuts, _cuts(plain), strict=True):
+        assert abs(cut - planned) <= cfg.snap_tolerance_seconds + 1e-6
+        assert not any(a < cut < b for a, b in words), (cut, [w for w in words if abs(w[0] - cut) < 1])
+    assert all(2.0 - 1e-6 <= c["clip_end"] - c["clip_start"] <= 20.0 + 1e-6 for c in children)
+
+
+@pytest.mark.parametrize("music", [True, False], ids=["melody", "noise_hum"])
+def test_cuts_stay_fixed_without_speech(tmp_path: Path, music: bool) -> None:
+    video = synth_video(tmp_path / "bed.mp4", duration=31.0, speech=[], music=music, seed=7)
+    plain = SplitStage(SplitConfig(snap_to_silence=False)).process_batch([_row(video.path)])[0]
+    (snapped,) = SplitStage(SplitConfig()).process_batch([_row(video.path)])
+    assert _cuts(plain) == [10.0, 20.0]
+    assert _cuts(snapped) == _cuts(plain)  # no pause to find in a steady bed: nothing moves
