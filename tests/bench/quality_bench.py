@@ -370,7 +370,10 @@ def evaluate_captions(index: list[dict[str, Any]], videos: dict[str, VideoTruth]
             continue
         with_caption += 1
         inputs = [c.get("text") for c in caps if not str(c.get("kind", "")).startswith(FUSED_KINDS_PREFIX) and c.get("kind") != JUDGE_KIND]
-        signals = [r.get("transcript"), r.get("title"), *_meta_texts(r), *inputs,
+        # the clip's duration is one of the prompt's inputs (stages/_prompts.py writes "15.0 seconds")
+        start, end = r.get("clip_start"), r.get("clip_end")
+        duration = f"{float(end) - float(start):.1f} seconds" if start is not None and end is not None else None
+        signals = [r.get("transcript"), r.get("title"), duration, *_meta_texts(r), *inputs,
                    *[t.get("label") for t in r.get("audio_tags") or []], *[t.get("label") for t in r.get("visual_tags") or []]]  # fmt: skip
         cw, un = supported(caption, signals)
         words += len(cw)
