@@ -56,7 +56,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 class IngestCounts:
     inputs: int = 0
     unusable: int = 0
-    partitions: set[int] = field(default_factory=set)  # every partition of the LIST
+    partitions: int = 0  # partitions of the LIST (numbered 0 .. partitions - 1)
 
 
 def _local_list(list_path: str | Path) -> Path:
@@ -124,7 +124,7 @@ def iter_partitions(
         if row.get("error_stage"):
             counts.unusable += 1
         p = layout.partition_of(row["input_index"], per_partition)
-        counts.partitions.add(p)
+        counts.partitions = max(counts.partitions, p + 1)
         if last is not None and p != last and current:
             yield last, current
             current = []
@@ -491,7 +491,7 @@ def plan_blocks(
     usable = sum(s.usable for s in scanned)
     counts.inputs += total
     counts.unusable += total - usable + len(dups)
-    counts.partitions.update(range(math.ceil(total / per)))
+    counts.partitions = max(counts.partitions, math.ceil(total / per))
     log.info("ingest: %d inputs from %s (%d unusable, %d duplicates) in %d segments",
              total, src.name, total - usable + len(dups), len(dups), len(segments))  # fmt: skip
     yield from _blocks(src, segments, per, done, retry_videos or {}, dups, block_rows, total)

@@ -338,7 +338,7 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
     tmp.write_text(json.dumps(stats, indent=2, sort_keys=False, default=_plain))
     os.replace(tmp, out / layout.STATS)
     store.publish(layout.STATS)
-    if not config.write.keep_staging and not staging.remote and committed_partitions(target) >= counts.partitions:
+    if not config.write.keep_staging and not staging.remote and len(committed_partitions(target)) >= counts.partitions:
         shutil.rmtree(staging.root / "clips", ignore_errors=True)
         for phase_dir in staging.root.glob("phase*"):  # rows staged for a global phase: all written now
             shutil.rmtree(phase_dir, ignore_errors=True)
