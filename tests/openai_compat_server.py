@@ -7,6 +7,8 @@ the API the ``openai`` backend uses: ``GET /v1/models``, ``POST /v1/chat/complet
 ``schema``), ``logprobs`` + ``top_logprobs``, bearer-key auth (401 on a wrong key), 400 on a failed
 request (e.g. a prompt longer than the context window). Requests are served one at a time (the
 backend is one model).
+
+``scripted`` serves answers a test writes itself (errors, delays, canned completions) the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -65,6 +67,64 @@ def completion_body(result: ChatResult, model: str, want_logprobs: bool) -> dict
             "total_tokens": (result.prompt_tokens or 0) + (result.completion_tokens or 0),
         },
     }
+
+
+Reply = tuple[int, dict[str, Any] | bytes, dict[str, str]]  # status, JSON document or raw body, headers
+
+
+def chat_completion(text: str, prompt_tokens: int = 11, completion_tokens: int = 7) -> dict[str, Any]:
+    """A minimal OpenAI chat completion whose answer is ``text``."""
+    return {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+
+
+def send(handler: BaseHTTPRequestHandler, status: int, payload: dict[str, Any] | bytes, headers: dict[str, str] | None = None) -> None:
+    """Answer ``handler``'s request: a JSON document (dict) or raw bytes; a client gone away is ignored."""
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    handler.send_response(status)
+    if not isinstance(payload, bytes):
+        handler.send_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    try:
+        handler.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+@contextmanager
+def running(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[str]:
+    """``handler`` served by threads on a free port of 127.0.0.1; yields the base URL (``.../v1``)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@contextmanager
+def scripted(reply: Callable[[dict[str, Any], dict[str, str]], Reply]) -> Iterator[str]:
+    """Answer every POST with ``reply(json_body, request_headers)``; yields the base URL (``.../v1``)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload, headers = reply(body, dict(self.headers))
+            send(self, status, payload, headers)
+
+    with running(Handler, "openai-scripted") as base:
+        yield base
 
 
 @contextmanager
@@ -121,22 +181,7 @@ def serve(backend: LLMBackend, *, model: str = "local", api_key: str | None = No
             self._send(200, completion_body(result, model, want_logprobs))
 
         def _send(self, status: int, payload: dict[str, Any]) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            try:
-                self.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
+            send(self, status, payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, name="openai-compat", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with running(Handler, "openai-compat") as base:
+        yield base

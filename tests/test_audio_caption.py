@@ -10,7 +10,6 @@ import json
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from stages._clap import ClapScorer
 from stages._prompts import load_preset
 from stages._vad import load_audio
 from stages.audio_caption import AudioCaptionStage
+from tests.openai_compat_server import Reply, chat_completion, scripted
 from tests.tiny_clap import save_tiny_clap
 
 Responder = Callable[[dict[str, Any], str], str]  # (request body, preset kind) -> answer text
@@ -48,44 +48,21 @@ def _kind_of(body: dict[str, Any]) -> str:
 def server() -> Iterator[tuple[str, StandIn]]:
     state = StandIn()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
+    def reply(body: dict[str, Any], headers: dict[str, str]) -> Reply:
+        user = next(m for m in body["messages"] if m["role"] == "user")
+        parts = [p for p in user["content"] if p.get("type") == "input_audio"]
+        if len(parts) != 1:
+            return 400, {"error": f"expected one input_audio part, got {len(parts)}"}, {}
+        fmt = parts[0]["input_audio"]["format"]
+        data, rate = sf.read(io.BytesIO(base64.b64decode(parts[0]["input_audio"]["data"])), dtype="float32")
+        assert sf.info(io.BytesIO(base64.b64decode(parts[0]["input_audio"]["data"]))).format == fmt.upper()
+        with state.lock:
+            state.bodies.append(body)
+            state.audio.append((data, rate))
+        return 200, chat_completion(state.respond(body, _kind_of(body)), prompt_tokens=50, completion_tokens=9), {}
 
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            user = next(m for m in body["messages"] if m["role"] == "user")
-            parts = [p for p in user["content"] if p.get("type") == "input_audio"]
-            if len(parts) != 1:
-                self._send(400, {"error": f"expected one input_audio part, got {len(parts)}"})
-                return
-            fmt = parts[0]["input_audio"]["format"]
-            data, rate = sf.read(io.BytesIO(base64.b64decode(parts[0]["input_audio"]["data"])), dtype="float32")
-            assert sf.info(io.BytesIO(base64.b64decode(parts[0]["input_audio"]["data"]))).format == fmt.upper()
-            with state.lock:
-                state.bodies.append(body)
-                state.audio.append((data, rate))
-            text = state.respond(body, _kind_of(body))
-            self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": "stop"}], "usage": {"prompt_tokens": 50, "completion_tokens": 9}})  # fmt: skip
-
-        def _send(self, status: int, doc: dict[str, Any]) -> None:
-            raw = json.dumps(doc).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1", state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with scripted(reply) as base:
+        yield base, state
 
 
 @pytest.fixture(scope="module")

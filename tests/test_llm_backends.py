@@ -31,7 +31,6 @@ import types
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from stages._llm import (
     json_prefill,
     make_backend,
 )
+from tests.openai_compat_server import Reply, chat_completion, scripted, serve
 
 JUDGE_SCHEMA = answer_schema("judge")
 KEY_ENV = "AVFORGE_TEST_LLM_KEY"
@@ -336,8 +336,6 @@ def real_server(tmp_path_factory: pytest.TempPathFactory, transformers_llm: Tran
     """A real OpenAI-compatible server with the SmolLM2 model behind it, on 127.0.0.1 with an API key:
     llama.cpp's server when llama-cpp-python is installed, else the transformers backend behind
     tests/openai_compat_server.py."""
-    from tests.openai_compat_server import serve
-
     with ExitStack() as stack:
         if llama_cpp_server_installed():
             log_path = tmp_path_factory.mktemp("llama_server") / "server.log"
@@ -431,78 +429,46 @@ class _Script:
         self.fail_first: dict[str, int] = {}
 
 
-def _completion(text: str) -> bytes:
-    return json.dumps(
-        {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 11, "completion_tokens": 7},
-        }
-    ).encode()
-
-
-def _with_logprobs() -> bytes:
+def _with_logprobs() -> dict[str, Any]:
     tokens = [('{"', -0.01), ("score", -0.02), ('":', -0.01), (" 4", -0.2)]
     content = [{"token": t, "logprob": lp, "top_logprobs": [{"token": t, "logprob": lp}]} for t, lp in tokens]
     content[-1]["top_logprobs"] += [{"token": " 3", "logprob": -2.0}, {"token": "4", "logprob": -3.0}]
-    body = json.loads(_completion('{"score": 4'))
+    body = chat_completion('{"score": 4')
     body["choices"][0]["logprobs"] = {"content": content}
-    return json.dumps(body).encode()
+    return body
 
 
 @pytest.fixture()
 def scripted_server() -> Iterator[tuple[str, _Script]]:
     script = _Script()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][-1]["content"]
+    def reply(body: dict[str, Any], headers: dict[str, str]) -> Reply:
+        prompt = body["messages"][-1]["content"]
+        with script.lock:
+            script.requests.append(body)
+            script.headers.append(headers)
+            script.in_flight += 1
+            script.max_in_flight = max(script.max_in_flight, script.in_flight)
+            left = script.fail_first.get(prompt, 0)
+            script.fail_first[prompt] = left - 1
+        try:
+            if prompt == "slow":
+                time.sleep(1.5)
+            elif prompt.startswith("wait"):
+                time.sleep(0.2)
+            if prompt == "bad request":
+                return 400, b'{"error": "bad"}', {}
+            if prompt == "logprobs please":
+                return 200, _with_logprobs(), {}
+            if left > 0:
+                return 503, b"busy", {"Retry-After": "0"}
+            return 200, chat_completion(f"echo {prompt}"), {}
+        finally:
             with script.lock:
-                script.requests.append(body)
-                script.headers.append(dict(self.headers))
-                script.in_flight += 1
-                script.max_in_flight = max(script.max_in_flight, script.in_flight)
-                left = script.fail_first.get(prompt, 0)
-                script.fail_first[prompt] = left - 1
-            try:
-                if prompt == "slow":
-                    time.sleep(1.5)
-                elif prompt.startswith("wait"):
-                    time.sleep(0.2)
-                if prompt == "bad request":
-                    self._send(400, b'{"error": "bad"}')
-                elif prompt == "logprobs please":
-                    self._send(200, _with_logprobs())
-                elif left > 0:
-                    self._send(503, b"busy", {"Retry-After": "0"})
-                else:
-                    self._send(200, _completion(f"echo {prompt}"))
-            finally:
-                with script.lock:
-                    script.in_flight -= 1
+                script.in_flight -= 1
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            self.send_response(status)
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            try:
-                self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", script
-    finally:
-        server.shutdown()
-        server.server_close()
+    with scripted(reply) as base:
+        yield base, script
 
 
 def _user(text: str) -> ChatRequest:

@@ -33,7 +33,6 @@ luma under 24, mean absolute change of 32x32 thumbnails under 1.0) are printed a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys
@@ -44,6 +43,8 @@ from typing import Any
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.bench.report_out import emit  # noqa: E402
 
 logger = logging.getLogger("filter_bench")
 
@@ -252,10 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "legacy_frozen": rates(results, "frozen", "legacy"),
         "per_clip": results,
     }
-    text = json.dumps(report, indent=2)
-    sys.stdout.write(text + "\n")
-    if args.json:
-        args.json.write_text(text)
+    emit(report, args.json)
     return report
 
 

@@ -46,6 +46,7 @@ from stages._whisper import (  # noqa: E402
     offline_base_dir,
     save_tiny_openai_checkpoint,
 )
+from tests.bench.report_out import emit  # noqa: E402
 
 
 def tiny_ct2_model(root: Path) -> Path:
@@ -176,10 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **run_engine(ow, windows),
             "cuda_memory": cuda_memory(),
         }
-    text = json.dumps(report, indent=2)
-    sys.stdout.write(text + "\n")
-    if args.json:
-        args.json.write_text(text)
+    emit(report, args.json)
     return report
 
 

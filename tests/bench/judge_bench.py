@@ -32,6 +32,7 @@ from typing import Any
 from pipeline.config import JudgeConfig, LLMBackendConfig
 from pipeline.executor import apply_stage
 from stages.judge import JudgeStage
+from tests.bench.report_out import emit
 
 SCENES: list[dict[str, Any]] = [
     {
@@ -206,6 +207,11 @@ def auc(good: list[float], bad: list[float]) -> float | None:
     return round(wins / (len(good) * len(bad)), 3)
 
 
+def _counts(values: list[Any]) -> dict[Any, int]:
+    """How often each value occurs, in the order of its text."""
+    return {v: values.count(v) for v in sorted(set(values), key=str)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     clips = corpus(args.clips, args.seed)
     llm = LLMBackendConfig(backend=args.backend, threads=args.threads, context_tokens=2048, model=args.model)
@@ -220,11 +226,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out += apply_stage(stage, rows[i : i + args.batch_size])
     seconds = time.perf_counter() - started
     stage.teardown()
-    per: dict[str, dict[str, list[Any]]] = {}  # group -> score, sampled, decision, flags, p_low, dropped
+    per: dict[str, dict[str, list[Any]]] = {}  # group -> field -> one value per clip (flags: every flag)
     methods: list[str] = []
     fallbacks = 0
     for (group, _), row in zip(clips, out, strict=True):
-        g = per.setdefault(group, {"score": [], "sampled": [], "decision": [], "flags": []})
+        g = per.setdefault(group, {k: [] for k in ("score", "sampled", "decision", "p_low", "dropped", "flags")})
         judged = [c for c in row.get("captions") or [] if c["kind"] == "judge"]
         extra = json.loads(judged[0]["extra_json"]) if judged else {}
         score = next((s["value"] for s in row.get("scores") or [] if s["name"] == "judge"), None)
@@ -238,8 +244,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         g["score"].append(score)
         g["sampled"].append(sampled)
         g["decision"].append(0.0 if row.get("drop_reason") == "suspected_injection" else score)
-        g.setdefault("p_low", []).append(extra.get("p_below_min_score"))
-        g.setdefault("dropped", []).append(row.get("drop_reason"))
+        g["p_low"].append(extra.get("p_below_min_score"))
+        g["dropped"].append(row.get("drop_reason"))
         g["flags"] += [f for f in row.get("llm_flags") or [] if f.startswith("judge:")]
     good = per["good"]
     bad_groups = [g for g in per if g != "good"]
@@ -257,10 +263,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_score": {g: round(statistics.mean(v["score"]), 3) for g, v in per.items()},
         "scores": {g: sorted(round(x, 2) for x in v["score"]) for g, v in per.items()},
         "p_below_min_score": {g: sorted(round(x, 2) for x in v["p_low"] if x is not None) for g, v in per.items()},
-        "dropped": {g: {r: v["dropped"].count(r) for r in sorted(set(v["dropped"]), key=str)} for g, v in per.items()},
+        "dropped": {g: _counts(v["dropped"]) for g, v in per.items()},
         "logprob_share": round(methods.count("logprobs") / max(1, len(methods)), 3),
         "fallbacks": fallbacks,
-        "flags": {g: {f: v["flags"].count(f) for f in sorted(set(v["flags"]))} for g, v in per.items()},
+        "flags": {g: _counts(v["flags"]) for g, v in per.items()},
         "load_seconds": round(load_s, 1),
         "seconds_per_clip": round(seconds / len(clips), 2),
     }
@@ -279,10 +285,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    report = run(args)
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+    emit(run(args), args.out)
 
 
 if __name__ == "__main__":
