@@ -224,7 +224,7 @@ def decide(
     for uri in signal_uris:
         files.append(SignalFile(str(uri), len(files), False))
     storage.remove_tree(out_uri)  # decisions are made anew over every file
-    counts = run_map(_count_rows, [f.uri for f in files]) if files else []
+    counts = [_count_rows(f.uri) for f in files]  # footers only
     total = int(sum(c[0] for c in counts))
     mode = cfg.job
     if mode == "auto":
@@ -241,7 +241,14 @@ def decide(
 
 def _count_rows(uri: str) -> tuple[int, int]:
     """(rows, frame and audio codes) of a signal file, from its parquet footer alone."""
-    meta = pq.ParquetFile(storage.localize(uri)).metadata
+    if storage.is_remote(uri):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        with fs.open(path, "rb") as fh:  # range reads of the footer only
+            meta = pq.ParquetFile(fh).metadata
+    else:
+        meta = pq.ParquetFile(uri).metadata
     codes = 0
     for g in range(meta.num_row_groups):
         rg = meta.row_group(g)
@@ -382,33 +389,46 @@ class DistributedJob:
         return out
 
     def run(self) -> dict[str, Any]:
+        """Seven rounds of tasks: scan; exact, bucket and centroid tasks; clip chunks and cell
+        assignment; cell search; gather; verify; write. Between them the driver holds counts,
+        candidate pairs and links."""
         cfg = self.cfg
         storage.remove_tree(self.work)
         scans = self._step("scan", _scan, self.files)
         n_total = int(sum(s["rows"] for s in scans))
         fixed_rows = int(sum(s["rows"] for s, f in zip(scans, self.files, strict=True) if f.fixed))
         self.plan = dataclasses.replace(self.plan, n_total=n_total)
-        pairs: list[np.ndarray] = []  # (a, b, flags): candidate pairs, flags: semantic fields
+        signals = [s for s in PERCEPTUAL if getattr(cfg, s)]
+        fields = self._semantic_fields(scans) if cfg.semantic else {}
+        chunks = math.ceil(len(self.files) / self.plan.files_per_chunk)
+        reduce_items: list[tuple[str, Any]] = [("exact", p) for p in range(self.plan.exact_parts if cfg.exact else 0)]
+        reduce_items += [("bucket", (name, p)) for name in signals for p in range(self.plan.bucket_parts)]
+        reduce_items += [("train", (field, dim, nlist)) for field, (dim, nlist) in fields.items()]
+        reduced = self._step("reduce", _run_task, reduce_items)
+        trained = [item[1][0] for item, ok in zip(reduce_items, reduced, strict=True) if item[0] == "train" and ok]
+        second: list[tuple[str, Any]] = [("clips", (name, c)) for name in signals for c in range(chunks)]
+        second += [("assign", (field, fields[field][0], f)) for field in trained for f in self.files]
+        found = self._step("clips", _run_task, second)
+        cells = self._step("cells", _run_task, [("cells", (field, p)) for field in trained
+                                                for p in range(self.plan.cell_parts)])  # fmt: skip
+        pairs: list[np.ndarray] = []  # (a, b, flags): candidate pairs; flags: exact, semantic fields
         candidates: dict[str, int] = {}
         if cfg.exact:
-            exact = _concat_pairs(self._step("exact", _exact_reduce, range(self.plan.exact_parts)))
+            exact = _concat_pairs([r for item, r in zip(reduce_items, reduced, strict=True) if item[0] == "exact"])
             candidates["exact"] = len(exact)
             pairs.append(np.column_stack([exact, np.full(len(exact), EXACT_FLAG)]))
-        for name in [s for s in PERCEPTUAL if getattr(cfg, s)]:
-            self._step("buckets", _bucket_reduce, [(name, p) for p in range(self.plan.bucket_parts)])
-            chunks = math.ceil(len(self.files) / self.plan.files_per_chunk)
-            found = self._step("clips", _clip_reduce, [(name, c) for c in range(chunks)])
-            side_a = _concat_pairs([f[0] for f in found])
-            side_b = _concat_pairs([f[1] for f in found])
-            both = _intersect(side_a, side_b)
-            both = both[~(self.plan.fixed(both[:, 0]) & self.plan.fixed(both[:, 1]))]
+        for name in signals:
+            mine = [r for item, r in zip(second, found, strict=True) if item[0] == "clips" and item[1][0] == name]
+            both = _intersect(_concat_pairs([r[0] for r in mine]), _concat_pairs([r[1] for r in mine]))
+            both = self._new_pairs(both)
             candidates[name] = len(both)
             pairs.append(np.column_stack([both, np.zeros(len(both), np.int64)]))
-        if cfg.semantic:
-            for bit, field in enumerate(cfg.semantic_fields):
-                sem = self._semantic(field, scans)
-                candidates[f"semantic:{field}"] = len(sem)
-                pairs.append(np.column_stack([sem, np.full(len(sem), SEMANTIC_FLAG << bit)]))
+        cell_items = [(field, p) for field in trained for p in range(self.plan.cell_parts)]
+        for bit, field in enumerate(cfg.semantic_fields if cfg.semantic else []):
+            sem = _concat_pairs([r for (f_, _), r in zip(cell_items, cells, strict=True) if f_ == field])
+            sem = self._new_pairs(np.unique(sem, axis=0) if len(sem) else sem)
+            candidates[f"semantic:{field}"] = len(sem)
+            pairs.append(np.column_stack([sem, np.full(len(sem), SEMANTIC_FLAG << bit)]))
         merged = _merge_pairs(pairs)
         links, ranks, vetoed = self._verify(merged)
         self.links = {(ranks[a][0], ranks[b][0]): sig for (a, b), sig in links.items()}  # by key (tests, benchmark)
@@ -416,7 +436,8 @@ class DistributedJob:
         write = grouped_rows(decisions) & ~fixed if decisions.num_rows else np.zeros(0, bool)
         items = [(p, decisions.filter(pa.array(write & (partition == p)))) for p in np.unique(partition[write]).tolist()]
         t0 = time.perf_counter()
-        self.run_map(functools.partial(_write_decisions, self.out_uri), items) if items else None
+        if items:
+            self.run_map(functools.partial(_write_decisions, self.out_uri), items)
         self.seconds["write"] = round(time.perf_counter() - t0, 3)
         storage.remove_tree(self.work)
         new = decisions.filter(pa.array(~fixed)) if decisions.num_rows else decisions
@@ -425,26 +446,22 @@ class DistributedJob:
             vetoed=vetoed, files=len(self.files), step_seconds=self.seconds,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------ semantic
+    def _new_pairs(self, pairs: np.ndarray) -> np.ndarray:
+        """Pairs that are not two clips of earlier outputs."""
+        return pairs[~(self.plan.fixed(pairs[:, 0]) & self.plan.fixed(pairs[:, 1]))]
 
-    def _semantic(self, field: str, scans: list[dict[str, Any]]) -> np.ndarray:
-        dims: dict[int, int] = {}
-        for s in scans:
-            for d, c in s["dims"].get(field, {}).items():
-                dims[d] = dims.get(d, 0) + c
-        if not dims or sum(dims.values()) < 2:
-            return np.zeros((0, 2), np.int64)
-        dim = max(dims, key=lambda d: (dims[d], -d))
-        n = dims[dim]
-        nlist = max(1, min(self.plan.nlist, ivf_nlist(n)))
-        trained = self._step("semantic", _train, [(field, dim, nlist)])[0]
-        if not trained:
-            return np.zeros((0, 2), np.int64)
-        self._step("semantic", _assign, [(field, dim, f) for f in self.files])
-        found = self._step("semantic", _cell_reduce, [(field, p) for p in range(self.plan.cell_parts)])
-        pairs = _concat_pairs(found)
-        pairs = pairs[~(self.plan.fixed(pairs[:, 0]) & self.plan.fixed(pairs[:, 1]))]
-        return np.unique(pairs, axis=0) if len(pairs) else pairs
+    def _semantic_fields(self, scans: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+        """Per embedding field with rows: (its most common dimension, IVF cells)."""
+        out: dict[str, tuple[int, int]] = {}
+        for field in self.cfg.semantic_fields:
+            dims: dict[int, int] = {}
+            for s in scans:
+                for d, c in s["dims"].get(field, {}).items():
+                    dims[d] = dims.get(d, 0) + c
+            if dims and sum(dims.values()) >= 2:
+                dim = max(dims, key=lambda d: (dims[d], -d))
+                out[field] = (dim, max(1, min(self.plan.nlist, ivf_nlist(dims[dim]))))
+        return out
 
     # ------------------------------------------------------------------ verification
 
@@ -537,6 +554,12 @@ def _group_of_pairs(pairs: np.ndarray, groups: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- tasks
+
+
+def _run_task(plan: Plan, item: tuple[str, Any]) -> Any:
+    """One task of a round that mixes kinds (fewer rounds: each round is one ``run_map``)."""
+    kind, arg = item
+    return _TASKS[kind](plan, arg)
 
 
 def _scan(plan: Plan, f: SignalFile) -> dict[str, Any]:
@@ -953,3 +976,9 @@ def _common_mask(sub: pa.Table, name: str, cfg: DedupConfig) -> np.ndarray:
             if u < counts[r]:
                 mask[first_unit[r] + u] = True
     return mask
+
+
+_TASKS: dict[str, Callable[[Plan, Any], Any]] = {
+    "exact": _exact_reduce, "bucket": _bucket_reduce, "train": _train, "clips": _clip_reduce,
+    "assign": _assign, "cells": _cell_reduce,
+}  # fmt: skip
