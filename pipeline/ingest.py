@@ -435,6 +435,9 @@ def _scan_all(src: ListSource, tasks: list[_Scan], map_fn: MapFn) -> list[_Scann
     return scanned
 
 
+MAX_BLOCKS = 50_000  # blocks per LIST at most (100 M lines: blocks of 2 000 rows)
+
+
 def plan_blocks(
     list_path: str | Path,
     per_partition: int,
@@ -494,6 +497,8 @@ def plan_blocks(
     counts.partitions = max(counts.partitions, math.ceil(total / per))
     log.info("ingest: %d inputs from %s (%d unusable, %d duplicates) in %d segments",
              total, src.name, total - usable + len(dups), len(dups), len(segments))  # fmt: skip
+    # the driver holds every block of a run (a Ray Data read task each): a huge LIST gets bigger blocks
+    block_rows = max(block_rows, math.ceil(total / MAX_BLOCKS))
     yield from _blocks(src, segments, per, done, retry_videos or {}, dups, block_rows, total)
 
 
