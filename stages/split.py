@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 EPS = 1e-6
 PAUSE_MARGIN = 0.25  # a moved cut stays this far inside its pause (s), or at its quietest point when it is shorter
+PAUSE_EDGE = 0.1  # ... or, where the tolerance allows no more, at least this far inside a long pause (s)
 # A cut goes to the nearest pause of the first tier that has one in reach: pauses between sentences
 # or phrases (>= 0.3 s), then shorter breaks (>= 0.15 s), then any gap between two words.
 PAUSE_TIERS = (0.3, 0.15, 0.0)
@@ -70,18 +71,21 @@ def fixed_windows(
 def nearest_pause_point(b: float, spans: list[Pause], lo: float, hi: float, margin: float = PAUSE_MARGIN) -> float | None:
     """The point in a pause (``spans``) nearest ``b`` within [lo, hi]; None when no pause reaches [lo, hi].
 
-    In a pause at least twice ``margin`` long the point stays ``margin`` s inside it; in a shorter
-    one it is the pause's quietest point (its gap between words, not the faint end of a word that
-    the quiet run may also hold)."""
+    In a pause at least twice ``margin`` long the point stays ``margin`` s inside it, or as far
+    inside as [lo, hi] allows (at least ``PAUSE_EDGE`` s: a sentence gap at the edge of reach beats
+    a pause inside a sentence); in a shorter pause it is the pause's quietest point (its gap between
+    words, not the faint end of a word that the quiet run may also hold)."""
     best: float | None = None
     for a, e, quietest in spans:
         if e - a < 2 * margin:  # a short pause: its quietest point
-            p0, p1, aim = max(a, lo), min(e, hi), quietest
+            aim0 = aim1 = quietest
+            p0, p1 = max(a, lo), min(e, hi)
         else:
-            p0, p1, aim = max(a + margin, lo), min(e - margin, hi), b
+            aim0, aim1 = a + margin, e - margin
+            p0, p1 = max(a + PAUSE_EDGE, lo), min(e - PAUSE_EDGE, hi)
         if p0 > p1 + EPS:
             continue
-        point = min(max(aim, p0), p1)
+        point = min(max(min(max(b, aim0), aim1), p0), p1)
         if best is None or abs(point - b) < abs(best - b) - EPS:
             best = point
     return best

@@ -172,6 +172,20 @@ def test_a_short_pause_is_cut_at_its_quietest_point() -> None:
     assert nearest_pause_point(10.0, [long], 8.0, 12.0) == 8.75
 
 
+def test_a_sentence_gap_at_the_edge_of_reach_beats_a_pause_inside_a_sentence() -> None:
+    # the fixed cut at 10 s; within 2 s only a 0.2 s break between two words (9.92-10.12) and the
+    # start of a 0.6 s gap between sentences (11.84-12.45) whose 0.25 s margin lies out of reach
+    pauses = [Pause(9.92, 10.12, 10.02), Pause(11.84, 12.45, 12.38)]
+
+    def near(lo: float, hi: float) -> list[Pause]:
+        return [p for p in pauses if p.end > lo and p.start < hi]
+
+    (first, second) = snap_windows([(0.0, 10.0), (10.0, 24.0)], near, tolerance=2.0, min_len=2.0, max_len=20.0)
+    assert first[1] == second[0]
+    assert 11.84 + 0.1 - 1e-6 <= first[1] <= 12.0  # in the sentence gap, at least 0.1 s inside it
+    assert nearest_pause_point(10.0, [Pause(11.95, 12.45, 12.3)], 8.0, 12.0) is None  # < 0.1 s of it in reach
+
+
 @pytest.fixture(scope="module")
 def no_pauses(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[float, float]]]:
     """32 s of words spoken one by one 0.1 s apart (no longer pause), over a quiet tone; word times known."""
