@@ -355,7 +355,7 @@ def test_semantic_embeddings_dedup_through_stage(tmp_path: Path) -> None:
     assert stage.process_batch(rows) == out  # the same decision on rows in memory
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_dedup_on_ray(tmp_path: Path) -> None:
     """The global phase gathers rows streamed by the Ray runner (fixed 3 s windows, per-window groups)."""
     src, other = tmp_path / "src.mp4", tmp_path / "other.mp4"
