@@ -196,7 +196,9 @@ class PoolMap:
     """A ``MapFn`` over a process pool that records each worker process's peak RSS and CPU time."""
 
     def __init__(self, workers: int) -> None:
-        self.pool = ProcessPoolExecutor(max_workers=workers)
+        import multiprocessing
+
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
         self.peak: dict[int, int] = {}
         self.cpu = 0.0
         self.calls: list[dict[str, Any]] = []
@@ -231,19 +233,6 @@ def subsample(truth: dict[str, Any], n: int, size: int, seed: int = 2) -> np.nda
     return np.flatnonzero(np.isin(fam, chosen))
 
 
-def brute_force_links(cols: dict[str, np.ndarray], rows: np.ndarray, cfg: DedupConfig) -> dict[tuple[str, str], set[str]]:
-    """The single-machine rule with exact (flat) search on ``rows``: links by key."""
-    from stages.dedup import add_semantic_links, verified_links
-
-    table = signal_table(cols, rows, 0).drop_columns(["partition"])
-    exact_cfg = cfg.model_copy(update={"index": "flat"})
-    links, _, _ = verified_links(table, exact_cfg)
-    if exact_cfg.semantic:
-        add_semantic_links(table, exact_cfg, links)
-    keys = table.column("key").to_pylist()
-    return {(keys[a], keys[b]): set(v) for (a, b), v in links.items()}
-
-
 def compare(found: dict[tuple[str, str], Any], truth: dict[tuple[str, str], Any], keys: set[str]) -> dict[str, Any]:
     got = {frozenset(p) for p in found if p[0] in keys and p[1] in keys}
     want = {frozenset(p) for p in truth}
@@ -263,28 +252,70 @@ def planted_recall(found: dict[tuple[str, str], Any], truth: dict[str, Any]) -> 
     return out
 
 
+def _generate(clips: int, files: int, seed: int, work: str, cfg_json: str) -> None:
+    """Write the signal files and the truth (run in a child process: the job's processes and the
+    driver never hold the generated corpus)."""
+    cfg = DedupConfig(**json.loads(cfg_json))
+    cols, truth = synth_signals(clips, seed, cfg=cfg)
+    root = Path(work)
+    if not (root / "done").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        write_files(cols, clips, files, root / "signals", seed)
+        (root / "done").write_text("")
+    np.savez(root / "truth.npz", kind=truth["kind"].astype(str), source=truth["source"], family=truth["family"])
+
+
+def _subsample_table(uris: list[str], keys: set[str]) -> pa.Table:
+    """The signal rows of ``keys``, in file order (the order the job numbers clips in)."""
+    import pyarrow.compute as pc
+
+    from stages.dedup import SIGNAL_FIELDS
+
+    names = [n for n, _ in SIGNAL_FIELDS]
+    value_set = pa.array(sorted(keys), pa.string())
+    return pa.concat_tables(
+        [t.filter(pc.is_in(t.column("key"), value_set=value_set)) for t in (pq.read_table(u, columns=names) for u in uris)]
+    )
+
+
+def brute_force_table_links(table: pa.Table, cfg: DedupConfig) -> dict[tuple[str, str], set[str]]:
+    """The single-machine rule with exact (flat) search: links by key."""
+    from stages.dedup import add_semantic_links, verified_links
+
+    exact_cfg = cfg.model_copy(update={"index": "flat"})
+    links, _, _ = verified_links(table, exact_cfg)
+    if exact_cfg.semantic:
+        add_semantic_links(table, exact_cfg, links)
+    keys = table.column("key").to_pylist()
+    return {(keys[a], keys[b]): set(v) for (a, b), v in links.items()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import multiprocessing
+
     from stages._dedup_scale import DistributedJob, SignalFile, _count_rows
+    from tests.bench.dedup_bench import PeakRSS
 
     cfg = DedupConfig(job="distributed", **json.loads(args.config))
     work = Path(args.workdir) / f"n{args.clips}_f{args.files}_s{args.seed}"
+    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cols, truth = synth_signals(args.clips, args.seed, cfg=cfg)
-    files_dir = work / "signals"
-    if not (work / "done").exists():
-        shutil.rmtree(work, ignore_errors=True)
-        uris = write_files(cols, args.clips, args.files, files_dir, args.seed)
-        (work / "done").write_text("")
-    uris = sorted(str(p) for p in files_dir.glob("*.parquet"))
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as gen:
+        gen.submit(_generate, args.clips, args.files, args.seed, str(work), args.config).result()
     t_gen = time.perf_counter() - t0
+    npz = np.load(work / "truth.npz")
+    truth = {"kind": npz["kind"].astype(object), "source": npz["source"], "family": npz["family"]}
+    uris = sorted(str(p) for p in (work / "signals").glob("*.parquet"))
     files = [SignalFile(u, i, False) for i, u in enumerate(uris)]
     counts = [_count_rows(u) for u in uris]
-    pool = PoolMap(args.workers)
+    pool = PoolMap(args.workers)  # spawned processes: their memory is the tasks' alone
     load0 = os.getloadavg()
     t1 = time.perf_counter()
     cpu_driver0 = time.process_time()
-    job = DistributedJob(files, counts, cfg, str(work / "staging" / "dedup" / "decisions"), pool)
-    summary = job.run()
+    with PeakRSS(interval=0.2) as driver_mem:
+        job = DistributedJob(files, counts, cfg, str(work / "staging" / "dedup" / "decisions"), pool)
+        summary = job.run()
     wall = time.perf_counter() - t1
     cpu_driver = time.process_time() - cpu_driver0
     pool.close()
@@ -294,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_seconds": round(wall, 1), "cpu_seconds_workers": round(pool.cpu, 1),
         "cpu_seconds_driver": round(cpu_driver, 1),
         "worker_peak_rss_mib": round(max(pool.peak.values()) / 2**20, 1),
-        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
+        "driver_rss_mib_before_peak": [round(driver_mem.start / 2**20, 1), round(driver_mem.peak / 2**20, 1)],
         "load_before_after": [round(load0[0], 2), round(load1[0], 2)],
         "steps": pool.calls, "summary": summary, "planted": planted_recall(job.links, truth),
         "codes_per_clip": {"frames": FRAME_UNITS * SCALES, "audio": AUDIO_UNITS, "embedding_dim": DIM},
@@ -302,10 +333,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     if args.sample:
         rows = subsample(truth, args.clips, args.sample)
-        t2 = time.perf_counter()
-        exact = brute_force_links(cols, rows, cfg)
-        result["brute_force_seconds"] = round(time.perf_counter() - t2, 1)
         keys = {f"c{r:08d}" for r in rows.tolist()}
+        t2 = time.perf_counter()
+        exact = brute_force_table_links(_subsample_table(uris, keys), cfg)
+        result["brute_force_seconds"] = round(time.perf_counter() - t2, 1)
         result["quality"] = {"sample_clips": len(rows), **compare(job.links, exact, keys)}
         result["quality_per_signal"] = {
             s: compare({p: v for p, v in job.links.items() if s in v}, {p: v for p, v in exact.items() if s in v}, keys)
