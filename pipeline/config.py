@@ -354,6 +354,10 @@ class DedupConfig(Section):
     rows_per_task: int = Field(
         20_000, ge=100, description="distributed: clips per shuffle partition (bounds each task's memory)"
     )
+    lsh_max_bucket_clips: int = Field(
+        1000, ge=1, description="distributed: an LSH bucket with codes of more clips than this (or than the "
+        "common-code limit, if lower) is stop-listed: its units count as common",
+    )
     codes_per_task: int = Field(
         2_000_000, ge=1000, description="distributed: LSH entries (code x band) per bucket partition (~100 B each in a task)"
     )

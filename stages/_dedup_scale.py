@@ -668,7 +668,9 @@ def _bucket_reduce(plan: Plan, item: tuple[str, int]) -> dict[str, int]:
     # distinct clips per bucket (entries are sorted by gid within a bucket)
     new_clip = np.r_[True, (gid[1:] != gid[:-1]) | (bucket[1:] != bucket[:-1])]
     clips = np.bincount(bucket, weights=new_clip, minlength=len(starts)).astype(np.int64)
-    stop = clips > max_clips + 1  # every unit there shares 32 bits with more than max_clips other clips
+    # every unit there shares 32 bits with more than that many other clips; the cap keeps the
+    # quadratic work per bucket bounded when the common-code limit grows with the corpus
+    stop = clips > min(max_clips, cfg.lsh_max_bucket_clips) + 1
     common_sel = stop[bucket]
     out_rows: list[pa.Table] = []
     active = np.flatnonzero((clips > 1) & ~stop)

@@ -209,13 +209,18 @@ class PoolMap:
         t0 = time.perf_counter()
         results = list(self.pool.map(functools.partial(_measured, fn), list(items)))
         name = getattr(getattr(fn, "func", fn), "__name__", str(fn))
+        kinds = sorted({i[0] for i in items if isinstance(i, tuple) and i and isinstance(i[0], str)})
+        if name == "_run_task":
+            name = "+".join(kinds)
         peak = 0
+        step_cpu = 0.0
         for _, pid, rss, cpu in results:
             self.peak[pid] = max(self.peak.get(pid, 0), rss)
             peak = max(peak, rss)
-            self.cpu += cpu
+            step_cpu += cpu
+        self.cpu += step_cpu
         self.calls.append({"step": name, "tasks": len(results), "seconds": round(time.perf_counter() - t0, 2),
-                           "worker_peak_rss_mib": round(peak / 2**20, 1)})  # fmt: skip
+                           "cpu_seconds": round(step_cpu, 1), "worker_peak_rss_mib": round(peak / 2**20, 1)})  # fmt: skip
         return [r[0] for r in results]
 
     def close(self) -> None:
