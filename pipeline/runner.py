@@ -251,6 +251,16 @@ def run_pipeline(
         return _run_locked(input_list, store, config, backend, retry_errors, against)
 
 
+PLAN_IN_PROCESS_BYTES = 32 << 20  # plan_blocks' scan chunk: a smaller LIST is one scan task anyway
+
+
+def _list_bytes(input_list: str | Path) -> int:
+    try:
+        return storage.size(str(input_list))
+    except (OSError, ValueError):
+        return 0  # plan_blocks reports a missing or unreadable LIST
+
+
 def _earlier_output(path: str | Path, own: str) -> str:
     """An output named by ``--dedup-against``: an absolute URI, checked to be a finished output."""
     uri = str(path) if storage.is_remote(path) else str(Path(path).resolve())
@@ -300,9 +310,10 @@ def _run_locked(input_list: str | Path, store: OutputStore, config: RunConfig, b
     counts = IngestCounts()
 
     def blocks() -> Iterator[InputBlock]:
-        """The LIST planned as blocks read on the workers (its scan tasks run where the stages do)."""
+        """The LIST planned as blocks read on the workers (its scan tasks run where the stages do;
+        a LIST of one scan chunk is scanned in-process: two Ray jobs would cost more than the scan)."""
         map_fn: MapFn = map_in_process
-        if backend != "sequential":
+        if backend != "sequential" and _list_bytes(input_list) > PLAN_IN_PROCESS_BYTES:
             from pipeline.ray_runner import init_ray, ray_map
 
             init_ray(config)
