@@ -83,18 +83,23 @@ Sink = ShardWriter | PhaseWriter
 
 
 def _sequential(stages: list[Stage], blocks: Iterable[InputBlock], sink: Sink) -> Iterator[dict[str, Any]]:
-    """In-process runner: same semantics as the Ray runner, one input block at a time."""
+    """In-process runner: same semantics as the Ray runner, one input partition of a block at a
+    time (so shards appear, and a partition commits, as the run goes)."""
+    per = sink.target.write.inputs_per_partition
     for stage in stages:
         stage.setup()
     try:
         for block in blocks:
-            batch = block.read()
-            for stage in stages:
-                out: list[Row] = []
-                for j in range(0, len(batch), stage.batch_size):
-                    out.extend(apply_stage(stage, batch[j : j + stage.batch_size]))
-                batch = out
-            yield from sink.write(batch)
+            parts: dict[int, list[Row]] = {}
+            for row in block.read():
+                parts.setdefault(layout.partition_of(row.get("input_index") or 0, per), []).append(row)
+            for batch in parts.values():
+                for stage in stages:
+                    out: list[Row] = []
+                    for j in range(0, len(batch), stage.batch_size):
+                        out.extend(apply_stage(stage, batch[j : j + stage.batch_size]))
+                    batch = out
+                yield from sink.write(batch)
     finally:
         for stage in stages:
             stage.teardown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,3 +68,28 @@ def enriched_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.test_data import make_run
 
     return make_run(tmp_path_factory, "enriched")
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server (moto) on 127.0.0.1, with the AWS_* environment pointing at it;
+    yields its endpoint URL. fsspec caches S3 file systems by their arguments, so one made while an
+    earlier server ran would keep its endpoint: the cache is dropped before and after."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        mp.undo()
+        server.stop()

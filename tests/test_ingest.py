@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputListError
+from pipeline.ingest import IngestCounts
 from stages.ingest import make_video_id, read_inputs
+from tests.conftest import s3_server
 
 
 def _ok(rows: list[dict]) -> list[dict]:
@@ -212,11 +214,11 @@ def test_old_mac_line_ends(tmp_path: Path, suffix: str) -> None:
 
 
 def _planned(list_path: str | Path, per: int = 3, done: set[int] | None = None, retry: dict[int, set[str]] | None = None,
-             **kw: object) -> tuple[list[dict], list, "IngestCounts"]:  # fmt: skip
+             **kw: object) -> tuple[list[dict], list, IngestCounts]:  # fmt: skip
     """Rows of every planned block, read in-process (pickled first, as a Ray read task gets it)."""
     import pickle
 
-    from pipeline.ingest import IngestCounts, plan_blocks
+    from pipeline.ingest import plan_blocks
 
     counts = IngestCounts()
     blocks = list(plan_blocks(list_path, per, done or set(), retry, counts, **kw))  # type: ignore[arg-type]
@@ -349,7 +351,7 @@ def test_resume_and_retry_blocks_count_only_what_they_yield(tmp_path: Path) -> N
 
 
 def test_planning_errors_and_empty_lists(tmp_path: Path) -> None:
-    from pipeline.ingest import IngestCounts, plan_blocks
+    from pipeline.ingest import plan_blocks
 
     with pytest.raises(InputListError, match="not found"):
         list(plan_blocks(tmp_path / "missing.txt", 8, set(), None, IngestCounts()))
@@ -370,16 +372,7 @@ def test_planning_errors_and_empty_lists(tmp_path: Path) -> None:
 def test_scratch_and_list_on_object_storage(tmp_path: Path) -> None:
     """An s3:// LIST is read by ranged GETs and the id buckets go to an s3:// scratch folder
     (a real S3-compatible server on 127.0.0.1), then are removed."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    mp = pytest.MonkeyPatch()
-    try:
-        host, port = server.get_host_and_port()
-        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
-            mp.setenv(k, v)
+    with s3_server():
         import boto3
 
         client = boto3.client("s3")
@@ -390,9 +383,6 @@ def test_scratch_and_list_on_object_storage(tmp_path: Path) -> None:
         rows, blocks, _ = _planned("s3://lists/in/hard.txt", chunk_bytes=16, block_rows=2, buckets=2, scratch="s3://lists/tmp")
         assert rows == _today(f) and len(blocks) > 2
         assert client.list_objects_v2(Bucket="lists", Prefix="tmp/").get("KeyCount") == 0
-    finally:
-        mp.undo()
-        server.stop()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -417,7 +407,7 @@ def test_scan_and_resolve_run_as_ray_tasks(tmp_path: Path) -> None:
     """The scan and resolve passes through ``ray_map`` (Ray Data tasks on worker processes), the
     id buckets in a scratch folder, the blocks read by Ray read tasks: today's rows."""
     from pipeline.config import load_config
-    from pipeline.ingest import IngestCounts, plan_blocks
+    from pipeline.ingest import plan_blocks
     from pipeline.ray_runner import init_ray, ray_map
 
     f = tmp_path / "hard.txt"

@@ -13,37 +13,21 @@ import webdataset as wds
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
+from tests.conftest import s3_server
 
 BUCKET = "avforge-test"
 
 
 @pytest.fixture(scope="module")
 def s3(corpus_dir: Path) -> Iterator[object]:
-    from moto.server import ThreadedMotoServer
+    with s3_server():
+        import boto3
 
-    mp = pytest.MonkeyPatch()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        mp.setenv(k, v)
-    import boto3
-
-    client = boto3.client("s3")
-    client.create_bucket(Bucket=BUCKET)
-    for p in sorted(corpus_dir.glob("sample_*.mp4")):
-        client.upload_file(str(p), BUCKET, f"in/{p.name}")
-    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=BUCKET)
+        for p in sorted(corpus_dir.glob("sample_*.mp4")):
+            client.upload_file(str(p), BUCKET, f"in/{p.name}")
         yield client
-    finally:
-        server.stop()
-        mp.undo()
 
 
 def _keys(client: object, prefix: str) -> list[str]:
