@@ -321,16 +321,21 @@ def test_driver_interrupted_then_rerun(cluster: Any, corpus_dir: Path, tmp_path:
     inputs, out = _inputs(corpus_dir, tmp_path), tmp_path / "out"
     cmd = _cli(inputs, out, cluster.address)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     deadline = time.monotonic() + 150
-    while proc.poll() is None and time.monotonic() < deadline and len(_finished_shards(out)) < 2:
+    # interrupt at the first finished shard: at two, a run on a quiet cluster could be past its last
+    # write and inside Ray's shutdown (atexit), where a Ctrl-C no longer changes the exit code
+    while proc.poll() is None and time.monotonic() < deadline and len(_finished_shards(out)) < 1:
         time.sleep(0.02)
     if proc.poll() is not None:
         pytest.fail("the driver finished before it could be interrupted")
     proc.send_signal(sig)
-    assert proc.wait(timeout=60) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), log.read_text(errors="replace")[-4000:]
     finished = _finished_shards(out)
-    assert len(finished) >= 2
+    assert len(finished) >= 1
 
     rerun = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=150)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
