@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,12 @@ def s3_server() -> Iterator[str]:
         s3fs.S3FileSystem.clear_instance_cache()
         mp.undo()
         server.stop()
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child process a test interrupts with Ctrl-C (SIGINT): the child gets
+    SIGINT's default disposition, unblocked, as a process started from a terminal does. A child
+    inherits an ignored or blocked SIGINT, and something earlier in a full test session leaves it
+    ignored in the pytest process: the child then ran to its end and exited 0."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

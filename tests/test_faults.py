@@ -30,6 +30,7 @@ import pytest
 
 from pipeline.config import QualityConfig
 from pipeline.stage import Resources, Row, Stage
+from tests.conftest import default_sigint
 
 SETTINGS = [
     "split.clip_seconds=4", "split.min_clip_seconds=1", "split.max_clip_seconds=6",
@@ -323,7 +324,7 @@ def test_driver_interrupted_then_rerun(cluster: Any, corpus_dir: Path, tmp_path:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     log = tmp_path / "driver.log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, preexec_fn=default_sigint)
     deadline = time.monotonic() + 150
     # interrupt at the first finished shard: at two, a run on a quiet cluster could be past its last
     # write and inside Ray's shutdown (atexit), where a Ctrl-C no longer changes the exit code

@@ -11,6 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import default_sigint
+
 ARGS = ["--backend", "sequential", "--set", "write.max_samples_per_shard=1", "--set", "extract.frames_per_clip=1",
         "--set", "write.inputs_per_partition=2",
         "--set", "split.clip_seconds=4", "--set", "split.min_clip_seconds=1", "--set", "split.max_clip_seconds=6"]  # fmt: skip
@@ -35,7 +37,7 @@ def _keys(out: Path) -> list[str]:
 
 
 def _interrupt(cmd: list[str], out: Path, sig: int) -> int:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list((out / "shards").glob("*.tar"))) >= 2:
