@@ -71,6 +71,7 @@ from stages.ingest import (
     detect_encoding,
     duplicate_row,
     iter_records,
+    list_uri,
     mark_duplicates,
     read_csv_header,
     record_to_row,
@@ -90,18 +91,8 @@ class IngestCounts:
 
 
 def _local_list(list_path: str | Path) -> Path:
-    if storage.is_remote(list_path):
-        if not storage.exists(str(list_path)):
-            raise InputListError(f"input list not found: {list_path}")
-        return storage.localize(str(list_path))
-    path = Path(list_path)
-    try:
-        ok = path.is_file()
-    except (OSError, ValueError):
-        ok = False
-    if not ok:
-        raise InputListError(f"input list not found: {str(path)[:300]}")
-    return path
+    uri = list_uri(list_path)
+    return storage.localize(uri) if storage.is_remote(uri) else Path(uri)
 
 
 def iter_rows(list_path: str | Path) -> Iterator[Row]:
@@ -187,19 +178,9 @@ def open_source(list_path: str | Path) -> ListSource:
     """The LIST's metadata (size, encoding, CSV header, parquet schema); raises InputListError
     for a LIST that is missing or unreadable as a whole. Reads at most the head of the file."""
     text = str(list_path)
-    if storage.is_remote(text):
-        if not storage.exists(text):
-            raise InputListError(f"input list not found: {text}")
-        uri = text
-    else:
-        path = Path(text)
-        try:
-            ok = path.is_file()
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            raise InputListError(f"input list not found: {text[:300]}")
-        uri = str(path.resolve())
+    uri = list_uri(text)
+    if not storage.is_remote(uri):
+        uri = str(Path(uri).resolve())
     suffix = Path(text).suffix.lower()
     src = ListSource(uri, text, "lines", suffix, storage.size(uri))
     if suffix == ".parquet":

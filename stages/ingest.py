@@ -574,20 +574,27 @@ def mark_duplicates(rows: Iterable[Row], seen: dict[str, int] | None = None) -> 
         yield row if first == row["input_index"] else duplicate_row(row, first)
 
 
+def list_uri(list_path: str | Path) -> str:
+    """The LIST's URI (an object-store URL, or the local path as given); InputListError when it is
+    not an existing file."""
+    text = str(list_path)
+    if storage.is_remote(text):
+        if not storage.exists(text):
+            raise InputListError(f"input list not found: {text}")
+        return text
+    try:
+        ok = Path(text).is_file()
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise InputListError(f"input list not found: {_printable(text, 300)}")
+    return text
+
+
 def read_inputs(list_path: str | Path) -> list[Row]:
     """Rows for every input: a video row, or an error row for a line that cannot be used."""
-    if storage.is_remote(list_path):
-        if not storage.exists(str(list_path)):
-            raise InputListError(f"input list not found: {list_path}")
-        path = storage.localize(str(list_path))
-    else:
-        path = Path(list_path)
-    try:
-        is_file = path.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if not is_file:
-        raise InputListError(f"input list not found: {_printable(str(path), 300)}")
+    uri = list_uri(list_path)
+    path = storage.localize(uri) if storage.is_remote(uri) else Path(uri)
     rows = list(mark_duplicates(record_to_row(rec, i) for i, rec in enumerate(iter_records(path))))
     log.info("ingest: %d inputs from %s (%d unusable)", len(rows), path, sum(1 for r in rows if r.get("error")))
     return rows

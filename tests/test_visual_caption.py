@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pipeline.config import LLMBackendConfig, VisualCaptionConfig
 from pipeline.errors import StageError
 from pipeline.tools.samples import synth_video
 from stages.visual_caption import VisualCaptionStage, save_tiny_blip
+from tests.openai_compat_server import running
 from tests.test_visual_quality import extract_rows
 
 SPEECH = {"kind": "speech", "text": "hello there", "model": "whisper", "prompt_id": None, "extra_json": None}
@@ -125,14 +125,8 @@ def _images(body: dict[str, Any]) -> list[bytes]:
 @pytest.fixture()
 def vlm_server() -> Iterator[str]:
     _FakeVLM.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVLM)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with running(_FakeVLM, "fake-vlm") as url:
+        yield url
 
 
 def test_vlm_caption_through_the_openai_backend(vlm_server: str, clips: list[dict[str, Any]]) -> None:
