@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -344,14 +345,18 @@ class Plan:
 
     cfg: DedupConfig
     work: str
+    links: str  # the verified links, kept beside the decisions (evidence of the pairs)
+    decisions: str
     n_fixed_files: int
     exact_parts: int
     bucket_parts: int
+    pair_parts: int
     files_per_chunk: int
     n_total: int = 0  # clips, known after the scan
     cell_parts: int = 1
     nlist: int = 1
     sample_per_file: int = 0
+    group_parts: int = 1  # known after the links
 
     def fixed(self, gids: np.ndarray) -> np.ndarray:
         return (np.asarray(gids) >> np.int64(GID_SHIFT)) < self.n_fixed_files
@@ -369,18 +374,20 @@ class DistributedJob:
         n = max(1, int(sum(c[0] for c in counts)))
         codes = int(sum(c[1] for c in counts))
         per_file = max(1, n // max(1, len(files)))
-        self.work = storage.join(str(out_uri).rstrip("/").rsplit("/", 1)[0], "work")
+        parent = str(out_uri).rstrip("/").rsplit("/", 1)[0]
+        self.work = storage.join(parent, "work")
         nlist = ivf_nlist(n)
         self.plan = Plan(
-            cfg=cfg, work=self.work, n_fixed_files=sum(f.fixed for f in files),
+            cfg=cfg, work=self.work, links=storage.join(parent, "links"), decisions=str(out_uri),
+            n_fixed_files=sum(f.fixed for f in files),
             exact_parts=max(1, math.ceil(n / (cfg.rows_per_task * 20))),
             bucket_parts=max(1, math.ceil(2 * codes * cfg.lsh_bands / cfg.codes_per_task)),
+            pair_parts=max(1, math.ceil(n / cfg.rows_per_task)),
             files_per_chunk=max(1, cfg.rows_per_task // per_file),
             cell_parts=max(1, math.ceil(n * min(cfg.nprobe, nlist) / (4 * cfg.rows_per_task))),
             nlist=nlist, sample_per_file=math.ceil(min(n, nlist * 32) / max(1, len(files))),
         )  # fmt: skip
         self.seconds: dict[str, float] = {}
-        self.links: dict[tuple[str, str], dict[str, str]] = {}
 
     def _step(self, name: str, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
         t0 = time.perf_counter()
@@ -389,11 +396,10 @@ class DistributedJob:
         return out
 
     def run(self) -> dict[str, Any]:
-        """Seven rounds of tasks: scan; exact, bucket and centroid tasks; clip chunks and cell
-        assignment; cell search; gather; verify; write. Between them the driver holds counts,
-        candidate pairs and links."""
+        """Rounds of tasks; between them the driver holds counts and lists of partitions only."""
         cfg = self.cfg
         storage.remove_tree(self.work)
+        storage.remove_tree(self.plan.links)
         scans = self._step("scan", _scan, self.files)
         n_total = int(sum(s["rows"] for s in scans))
         fixed_rows = int(sum(s["rows"] for s, f in zip(scans, self.files, strict=True) if f.fixed))
@@ -408,47 +414,37 @@ class DistributedJob:
         trained = [item[1][0] for item, ok in zip(reduce_items, reduced, strict=True) if item[0] == "train" and ok]
         second: list[tuple[str, Any]] = [("clips", (name, c)) for name in signals for c in range(chunks)]
         second += [("assign", (field, fields[field][0], f)) for field in trained for f in self.files]
-        found = self._step("clips", _run_task, second)
-        cells = self._step("cells", _run_task, [("cells", (field, p)) for field in trained
-                                                for p in range(self.plan.cell_parts)])  # fmt: skip
-        pairs: list[np.ndarray] = []  # (a, b, flags): candidate pairs; flags: exact, semantic fields
-        candidates: dict[str, int] = {}
-        if cfg.exact:
-            exact = _concat_pairs([r for item, r in zip(reduce_items, reduced, strict=True) if item[0] == "exact"])
-            candidates["exact"] = len(exact)
-            pairs.append(np.column_stack([exact, np.full(len(exact), EXACT_FLAG)]))
-        for name in signals:
-            mine = [r for item, r in zip(second, found, strict=True) if item[0] == "clips" and item[1][0] == name]
-            both = _intersect(_concat_pairs([r[0] for r in mine]), _concat_pairs([r[1] for r in mine]))
-            both = self._new_pairs(both)
-            candidates[name] = len(both)
-            pairs.append(np.column_stack([both, np.zeros(len(both), np.int64)]))
-        cell_items = [(field, p) for field in trained for p in range(self.plan.cell_parts)]
-        for bit, field in enumerate(cfg.semantic_fields if cfg.semantic else []):
-            sem = _concat_pairs([r for (f_, _), r in zip(cell_items, cells, strict=True) if f_ == field])
-            sem = self._new_pairs(np.unique(sem, axis=0) if len(sem) else sem)
-            candidates[f"semantic:{field}"] = len(sem)
-            pairs.append(np.column_stack([sem, np.full(len(sem), SEMANTIC_FLAG << bit)]))
-        merged = _merge_pairs(pairs)
-        links, ranks, vetoed = self._verify(merged)
-        self.links = {(ranks[a][0], ranks[b][0]): sig for (a, b), sig in links.items()}  # by key (tests, benchmark)
-        decisions, fixed, partition = self._group(links, ranks)
-        write = grouped_rows(decisions) & ~fixed if decisions.num_rows else np.zeros(0, bool)
-        items = [(p, decisions.filter(pa.array(write & (partition == p)))) for p in np.unique(partition[write]).tolist()]
-        t0 = time.perf_counter()
-        if items:
-            self.run_map(functools.partial(_write_decisions, self.out_uri), items)
-        self.seconds["write"] = round(time.perf_counter() - t0, 3)
+        self._step("clips", _run_task, second)
+        self._step("cells", _run_task, [("cells", (field, p)) for field in trained for p in range(self.plan.cell_parts)])
+        merged = self._step("pairs", _pair_partition, range(self.plan.pair_parts))
+        candidates = _add_counts([m["candidates"] for m in merged])
+        touched = sorted({i for m in merged for i in m["files"]})
+        self._step("gather", _gather, [self.files[i] for i in touched])
+        verified = self._step("verify", _verify_batch, _batches([m["pairs"] for m in merged], cfg.pairs_per_task))
+        comp = self._step("components", _components, [[v["batch"] for v in verified if v["n"]]])[0] if verified else None
+        grouped: list[dict[str, Any]] = []
+        if comp is not None and comp["clips"]:
+            self.plan = dataclasses.replace(self.plan, group_parts=comp["parts"])
+            self._step("scatter", _scatter_links, [v["batch"] for v in verified if v["n"]])
+            grouped = self._step("group", _group_part, range(comp["parts"]))
+        partitions = sorted({p for g in grouped for p in g["partitions"]})
+        self._step("write", _write_partition, partitions)
         storage.remove_tree(self.work)
-        new = decisions.filter(pa.array(~fixed)) if decisions.num_rows else decisions
-        return _summary(
-            new, n_total - fixed_rows, fixed_rows, candidates=candidates, links=links_per_signal(links),
-            vetoed=vetoed, files=len(self.files), step_seconds=self.seconds,
-        )  # fmt: skip
+        counts = _add_counts([{k: v for k, v in g.items() if k != "partitions"} for g in grouped])
+        return {
+            "rows": n_total - fixed_rows, "against_rows": fixed_rows, "duplicates": counts.get("duplicates", 0),
+            "groups": counts.get("groups", 0), "duplicates_per_signal": counts.get("duplicates_per_signal", {}),
+            "candidates": candidates, "links": _add_counts([v["links"] for v in verified]),
+            "vetoed": int(sum(v["vetoed"] for v in verified)), "linked_clips": comp["clips"] if comp else 0,
+            "files": len(self.files), "step_seconds": self.seconds,
+        }  # fmt: skip
 
-    def _new_pairs(self, pairs: np.ndarray) -> np.ndarray:
-        """Pairs that are not two clips of earlier outputs."""
-        return pairs[~(self.plan.fixed(pairs[:, 0]) & self.plan.fixed(pairs[:, 1]))]
+    def read_links(self) -> dict[tuple[str, str], dict[str, str]]:
+        """The verified links by (key, key): signal -> evidence (tests, benchmark; not the job's path)."""
+        t = read_folder(self.plan.links)
+        if t is None:
+            return {}
+        return {(a, b): json.loads(s) for a, b, s in zip(*(t.column(c).to_pylist() for c in ("key_a", "key_b", "signals")), strict=True)}
 
     def _semantic_fields(self, scans: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
         """Per embedding field with rows: (its most common dimension, IVF cells)."""
@@ -463,58 +459,39 @@ class DistributedJob:
                 out[field] = (dim, max(1, min(self.plan.nlist, ivf_nlist(dims[dim]))))
         return out
 
-    # ------------------------------------------------------------------ verification
-
-    def _verify(self, pairs: np.ndarray) -> tuple[Links, dict[int, tuple], int]:
-        """Links (by clip id) of the candidate pairs, rank columns of their clips, vetoed count."""
-        if not len(pairs):
-            return {}, {}, 0
-        groups = max(1, math.ceil(len(pairs) / self.cfg.pairs_per_task))
-        group = _group_of_pairs(pairs, groups)
-        clip_group = np.unique(np.concatenate([np.column_stack([pairs[:, 0], group]),
-                                               np.column_stack([pairs[:, 1], group])]), axis=0)  # fmt: skip
-        file_of = clip_group[:, 0] >> np.int64(GID_SHIFT)
-        items = []
-        for f in self.files:
-            sel = file_of == f.index
-            if sel.any():
-                items.append((f, clip_group[sel, 0], clip_group[sel, 1]))
-        self._step("gather", _gather, items)
-        order = np.argsort(group, kind="stable")
-        bounds = np.searchsorted(group[order], np.arange(groups + 1))
-        work = [(g, pairs[order[bounds[g] : bounds[g + 1]]]) for g in range(groups) if bounds[g + 1] > bounds[g]]
-        results = self._step("verify", _verify_group, work)
-        links: Links = {}
-        ranks: dict[int, tuple] = {}
-        vetoed = 0
-        for res in results:
-            for a, b, sig in res["links"]:
-                links[(a, b)] = sig
-            ranks.update(res["ranks"])
-            vetoed += res["vetoed"]
-        return links, ranks, vetoed
-
-    def _group(self, links: Links, ranks: dict[int, tuple]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-        """Groups around representatives over the linked clips only; their decisions."""
-        gids = np.array(sorted({g for p in links for g in p}), np.int64)
-        if not len(gids):
-            return pa.table({n: pa.array([], DECISION_SCHEMA.field(n).type) for n in DECISION_SCHEMA.names}), \
-                np.zeros(0, bool), np.zeros(0, np.int64)  # fmt: skip
-        idx = {int(g): i for i, g in enumerate(gids.tolist())}
-        cols = list(zip(*[ranks[int(g)] for g in gids.tolist()], strict=True))
-        keys, quality, dur, pixels, input_index, clip_index, partition = cols
-        fixed = self.plan.fixed(gids)
-        rank = keep_rank(
-            self.cfg, np.array(quality, np.float64), np.array(dur, np.float64), np.array(pixels, np.float64),
-            np.array(input_index, np.int64), np.array(clip_index, np.int64), list(keys), fixed,
-        )  # fmt: skip
-        local = {(idx[a], idx[b]): v for (a, b), v in links.items()}
-        decisions = group_links(list(keys), local, rank, self.cfg, fixed if fixed.any() else None)
-        return decisions, fixed, np.array(partition, np.int64)
-
 
 EXACT_FLAG = 1
 SEMANTIC_FLAG = 2  # << field index
+LINK_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("key_a", pa.string()), ("key_b", pa.string()),
+                         ("signals", pa.string())])  # fmt: skip  # signals: JSON {signal: evidence}
+RANK_COLUMNS = ("key", "quality", "duration", "pixels", "input_index", "clip_index", "partition")
+
+
+def _add_counts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum of count dicts (nested dicts summed per key)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, dict):
+                out[k] = _add_counts([out.get(k, {}), v])
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def _batches(sizes: Sequence[int], per_batch: int) -> list[list[int]]:
+    """Consecutive pair partitions with pairs, packed into batches of about ``per_batch`` pairs."""
+    out: list[list[int]] = []
+    size = 0
+    for p, n in enumerate(sizes):
+        if not n:
+            continue
+        if not out or size + n > per_batch:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += n
+    return out
 
 
 def _concat_pairs(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -548,9 +525,19 @@ def _merge_pairs(parts: list[np.ndarray]) -> np.ndarray:
     return np.column_stack([uniq, flags])
 
 
-def _group_of_pairs(pairs: np.ndarray, groups: int) -> np.ndarray:
-    """Verification group of each pair: by its first clip, so a clip's pairs mostly share a group."""
-    return _partition_of(pairs[:, 0], groups)
+def _pairs_of(t: pa.Table | None) -> np.ndarray:
+    if t is None:
+        return np.zeros((0, 2), np.int64)
+    return np.column_stack([t.column("a").to_numpy(), t.column("b").to_numpy()]).astype(np.int64)
+
+
+def _write_candidates(plan: Plan, pairs: np.ndarray, folder: str, name: str, flags: int = 0) -> int:
+    """Candidate pairs (a < b) to ``{work}/{folder}/{pair partition of a}/{name}.parquet``."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if len(pairs):
+        t = pa.table({"a": pairs[:, 0], "b": pairs[:, 1], "flags": np.full(len(pairs), flags, np.int64)})
+        _scatter(t, _partition_of(pairs[:, 0], plan.pair_parts), storage.join(plan.work, folder), name)
+    return len(pairs)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -633,11 +620,11 @@ def _band_entries(
     return pa.concat_tables(tables)
 
 
-def _exact_reduce(plan: Plan, part: int) -> np.ndarray:
-    """Pairs (first clip, other clip) of clips with the same content hash."""
+def _exact_reduce(plan: Plan, part: int) -> int:
+    """Pairs (first clip, other clip) of clips with the same content hash, to the pair partitions."""
     t = read_folder(storage.join(plan.work, "exact", f"{part:05d}"))
     if t is None:
-        return np.zeros((0, 2), np.int64)
+        return 0
     hashes = np.array(t.column("hash").to_pylist(), dtype=object)
     gids = t.column("gid").to_numpy()
     order = np.lexsort((gids, hashes.astype(str)))
@@ -646,7 +633,8 @@ def _exact_reduce(plan: Plan, part: int) -> np.ndarray:
     start[1:] = hashes[1:] != hashes[:-1]
     first = gids[np.maximum.accumulate(np.where(start, np.arange(len(gids)), 0))]
     pairs = np.column_stack([first, gids])[~start]
-    return pairs[~(plan.fixed(pairs[:, 0]) & plan.fixed(pairs[:, 1]))]
+    pairs = pairs[~(plan.fixed(pairs[:, 0]) & plan.fixed(pairs[:, 1]))]
+    return _write_candidates(plan, pairs, "cand", f"exact-{part:05d}", EXACT_FLAG)
 
 
 def _bucket_reduce(plan: Plan, item: tuple[str, int]) -> dict[str, int]:
@@ -706,10 +694,11 @@ def _bucket_reduce(plan: Plan, item: tuple[str, int]) -> dict[str, int]:
     return {"entries": len(key), "matches": 0 if matches is None else matches.num_rows}
 
 
-def _clip_reduce(plan: Plan, item: tuple[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _clip_reduce(plan: Plan, item: tuple[str, int]) -> int:
     """Common units of a chunk's clips (document frequency over all bands) and one-sided candidates.
 
-    Returns (pairs (a, b) whose side ``a`` passes, pairs (a, b) whose side ``b`` passes), a < b.
+    Writes the pairs (a, b), a < b, whose side ``a`` passes (``a-`` files) and those whose side
+    ``b`` passes (``b-`` files) to the pair partitions: a candidate needs both.
     """
     name, chunk = item
     cfg = plan.cfg
@@ -723,7 +712,7 @@ def _clip_reduce(plan: Plan, item: tuple[str, int]) -> tuple[np.ndarray, np.ndar
     if m is None:
         common = np.unique(np.concatenate(unit_ids), axis=0) if unit_ids else empty
         _write_common(plan, name, chunk, common)
-        return empty, empty
+        return 0
     gid, unit = m.column("gid").to_numpy(), m.column("unit").to_numpy().astype(np.int64)
     seg, other = m.column("seg").to_numpy().astype(np.int64), m.column("other").to_numpy()
     # a unit id per (clip, unit)
@@ -742,9 +731,8 @@ def _clip_reduce(plan: Plan, item: tuple[str, int]) -> tuple[np.ndarray, np.ndar
     pairs, counts = np.unique(trip[:, :2], axis=0, return_counts=True)
     pairs = pairs[counts >= cfg.lsh_min_segments]
     lo = pairs[:, 0] < pairs[:, 1]
-    side_a = pairs[lo]
-    side_b = pairs[~lo][:, ::-1]
-    return np.ascontiguousarray(side_a), np.ascontiguousarray(side_b)
+    side_a = _write_candidates(plan, pairs[lo], f"side-{name}", f"a-{chunk:05d}")
+    return side_a + _write_candidates(plan, pairs[~lo][:, ::-1], f"side-{name}", f"b-{chunk:05d}")
 
 
 def _write_common(plan: Plan, name: str, chunk: int, units: np.ndarray) -> None:
@@ -803,12 +791,13 @@ def _assign(plan: Plan, item: tuple[str, int, SignalFile]) -> int:
     return len(rows)
 
 
-def _cell_reduce(plan: Plan, item: tuple[str, int]) -> np.ndarray:
-    """Per cell: every probing row against the rows living there, exact inner products (FAISS)."""
+def _cell_reduce(plan: Plan, item: tuple[str, int]) -> int:
+    """Per cell: every probing row against the rows living there, exact inner products (FAISS);
+    the pairs to the pair partitions."""
     field, part = item
     t = read_folder(storage.join(plan.work, f"sem-{field}", "cells", f"{part:05d}"))
     if t is None:
-        return np.zeros((0, 2), np.int64)
+        return 0
     gid, cell, home = t.column("gid").to_numpy(), t.column("cell").to_numpy(), t.column("home").to_numpy(zero_copy_only=False)
     col = t.column("vec")
     x = pc.list_flatten(col).to_numpy().reshape(len(col), -1).astype(np.float32)
@@ -825,7 +814,9 @@ def _cell_reduce(plan: Plan, item: tuple[str, int]) -> np.ndarray:
         keep = a != b
         out.append(np.column_stack([np.minimum(a, b)[keep], np.maximum(a, b)[keep]]))
     pairs = _concat_pairs(out)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+    pairs = np.unique(pairs, axis=0) if len(pairs) else pairs
+    bit = list(plan.cfg.semantic_fields).index(field)
+    return _write_candidates(plan, pairs, "cand", f"sem{bit}-{part:05d}", SEMANTIC_FLAG << bit)
 
 
 def cell_search(q: np.ndarray, m: np.ndarray, threshold: float, neighbors: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -846,9 +837,56 @@ def cell_search(q: np.ndarray, m: np.ndarray, threshold: float, neighbors: int, 
     return qi[ok], ids[ok].astype(np.int64)
 
 
-def _gather(plan: Plan, item: tuple[SignalFile, np.ndarray, np.ndarray]) -> int:
-    """The rows a verification group needs from one file, with their common units."""
-    f, want, groups = item
+def _read_named(folder: str, prefix: str) -> pa.Table | None:
+    """The parquet files of ``folder`` whose names start with ``prefix``, concatenated."""
+    tables = [read_parquet(u) for u in storage.listdir(folder, ".parquet") if u.rsplit("/", 1)[-1].startswith(prefix)]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _pair_partition(plan: Plan, pp: int) -> dict[str, Any]:
+    """One pair partition (pairs by their first clip): the candidates of every source merged into
+    one row per pair, and the clips they need listed per signal file for the gather."""
+    cfg = plan.cfg
+
+    def new(p: np.ndarray) -> np.ndarray:  # not two clips of earlier outputs
+        return p[~(plan.fixed(p[:, 0]) & plan.fixed(p[:, 1]))]
+
+    cand = read_folder(storage.join(plan.work, "cand", f"{pp:05d}"))
+    pairs = _pairs_of(cand)
+    flags = cand.column("flags").to_numpy() if cand is not None else np.zeros(0, np.int64)
+    parts: list[np.ndarray] = []
+    candidates: dict[str, int] = {}
+    if cfg.exact:
+        sel = new(pairs[flags == EXACT_FLAG])
+        candidates["exact"] = len(sel)
+        parts.append(np.column_stack([sel, np.full(len(sel), EXACT_FLAG)]))
+    for name in PERCEPTUAL:
+        if getattr(cfg, name):
+            folder = storage.join(plan.work, f"side-{name}", f"{pp:05d}")
+            both = new(_intersect(_pairs_of(_read_named(folder, "a-")), _pairs_of(_read_named(folder, "b-"))))
+            candidates[name] = len(both)
+            parts.append(np.column_stack([both, np.zeros(len(both), np.int64)]))
+    for bit, field in enumerate(cfg.semantic_fields if cfg.semantic else []):
+        sel = pairs[flags == (SEMANTIC_FLAG << bit)]
+        sel = new(np.unique(sel, axis=0) if len(sel) else sel)
+        candidates[f"semantic:{field}"] = len(sel)
+        parts.append(np.column_stack([sel, np.full(len(sel), SEMANTIC_FLAG << bit)]))
+    merged = _merge_pairs(parts)
+    files: list[int] = []
+    if len(merged):
+        write_parquet(storage.join(plan.work, "pairs", f"{pp:05d}.parquet"),
+                      pa.table({"a": merged[:, 0], "b": merged[:, 1], "flags": merged[:, 2]}))  # fmt: skip
+        clips = np.unique(merged[:, :2])
+        owner = clips >> np.int64(GID_SHIFT)
+        _scatter(pa.table({"gid": clips}), owner, storage.join(plan.work, "want"), f"{pp:05d}")
+        files = np.unique(owner).tolist()
+    return {"candidates": candidates, "pairs": len(merged), "files": files}
+
+
+def _gather(plan: Plan, f: SignalFile) -> int:
+    """The rows the pair partitions need from one file, with their common units."""
+    want = storage.join(plan.work, "want", f"{f.index:05d}")
     t, gids = load_signals(f, [*SIGNAL_NAMES, "partition"])
     partition = _partitions(f, t)
     t = _signal_table(t).append_column("gid", pa.array(gids)).append_column("partition", pa.array(partition))
@@ -865,21 +903,29 @@ def _gather(plan: Plan, item: tuple[SignalFile, np.ndarray, np.ndarray]) -> int:
                 for r, u in zip(pos[ok].tolist(), cu[ok].tolist(), strict=True):
                     lists[r].append(int(u))
         t = t.append_column(f"_common_{name}", pa.array(lists, pa.list_(pa.int64())))
-    rows = np.searchsorted(gids, want)
-    for g in np.unique(groups).tolist():
-        sel = rows[groups == g]
-        write_parquet(storage.join(plan.work, "gather", f"{g:05d}", f"{f.index:06d}.parquet"), t.take(pa.array(sel)))
-    return len(want)
+    wanted = 0
+    for uri in storage.listdir(want, ".parquet"):
+        pp = int(uri.rsplit("/", 1)[-1].split(".")[0])
+        rows = np.searchsorted(gids, read_parquet(uri).column("gid").to_numpy())
+        write_parquet(storage.join(plan.work, "gather", f"{pp:05d}", f"{f.index:06d}.parquet"), t.take(pa.array(rows)))
+        wanted += len(rows)
+    return wanted
 
 
-def _verify_group(plan: Plan, item: tuple[int, np.ndarray]) -> dict[str, Any]:
-    """The precise rule on the candidate pairs of one group, a small sub-table at a time."""
-    g, pairs = item
+def _verify_batch(plan: Plan, pps: list[int]) -> dict[str, Any]:
+    """The precise rule on the candidate pairs of a few pair partitions, a small sub-table at a time;
+    the links go to ``{links}/{first partition}.parquet``, the rank columns of their clips to
+    ``{work}/ranks/``."""
     cfg = plan.cfg
-    t = read_folder(storage.join(plan.work, "gather", f"{g:05d}"))
-    assert t is not None, g
+    cand = pa.concat_tables([read_parquet(storage.join(plan.work, "pairs", f"{pp:05d}.parquet")) for pp in pps])
+    pairs = np.column_stack([cand.column(c).to_numpy() for c in ("a", "b", "flags")]).astype(np.int64)
+    gathered = [read_folder(storage.join(plan.work, "gather", f"{pp:05d}")) for pp in pps]
+    t = pa.concat_tables([g for g in gathered if g is not None])
     t = t.take(pa.array(np.argsort(t.column("gid").to_numpy(), kind="stable")))
     gids = t.column("gid").to_numpy()
+    first = np.r_[True, gids[1:] != gids[:-1]]  # a clip gathered for two of the partitions: once
+    if not first.all():
+        t, gids = t.filter(pa.array(first)), gids[first]
     a, b = np.searchsorted(gids, pairs[:, 0]), np.searchsorted(gids, pairs[:, 1])
     flags = pairs[:, 2]
     fixed = plan.fixed(gids)
@@ -939,18 +985,100 @@ def _verify_group(plan: Plan, item: tuple[int, np.ndarray]) -> dict[str, Any]:
         sub_gids = sub.column("gid").to_numpy()
         for (x, y), sig in found.items():
             links.append((int(sub_gids[x]), int(sub_gids[y]), sig))
-    linked = {g_ for x, y, _ in links for g_ in (x, y)}
-    ranks: dict[int, tuple] = {}
-    if linked:
-        sel = np.flatnonzero(np.isin(gids, list(linked)))
-        sub = t.take(pa.array(sel))
-        dur = _sub_durations(sub, cfg)
-        cols = [sub.column(c).to_pylist() for c in ("key", "quality", "pixels", "input_index", "clip_index", "partition")]
-        for i, gid_ in enumerate(sub.column("gid").to_pylist()):
-            key, quality, pixels, input_index, clip_index, partition = (c[i] for c in cols)
-            ranks[gid_] = (key, np.nan if quality is None else quality, float(dur[i]),
-                           np.nan if pixels is None else pixels, input_index, clip_index, partition)  # fmt: skip
-    return {"links": links, "ranks": ranks, "vetoed": vetoed}
+    if links:
+        la_, lb_ = np.array([x for x, _, _ in links], np.int64), np.array([y for _, y, _ in links], np.int64)
+        keys = t.column("key")
+        write_parquet(storage.join(plan.links, f"{pps[0]:05d}.parquet"), pa.table({
+            "a": la_, "b": lb_, "key_a": keys.take(pa.array(np.searchsorted(gids, la_))),
+            "key_b": keys.take(pa.array(np.searchsorted(gids, lb_))),
+            "signals": [json.dumps(sig) for _, _, sig in links],  # in order: evidence joins the values
+        }, schema=LINK_SCHEMA))  # fmt: skip
+        sub = t.take(pa.array(np.flatnonzero(np.isin(gids, np.r_[la_, lb_]))))
+        write_parquet(storage.join(plan.work, "ranks", f"{pps[0]:05d}.parquet"), _rank_table(sub, cfg))
+    return {"batch": pps[0], "n": len(links), "links": links_per_signal({(x, y): s for x, y, s in links}),
+            "vetoed": vetoed}  # fmt: skip
+
+
+def _rank_table(sub: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """What ranking a clip within its group needs (``keep_rank``'s inputs), one row per clip."""
+
+    def floats(name: str) -> pa.Array:
+        return pc.fill_null(sub.column(name).cast(pa.float64()), float("nan"))
+
+    return pa.table({
+        "gid": sub.column("gid"), "key": sub.column("key"), "quality": floats("quality"),
+        "duration": pa.array(_sub_durations(sub, cfg), pa.float64()), "pixels": floats("pixels"),
+        "input_index": sub.column("input_index").cast(pa.int64()), "clip_index": sub.column("clip_index").cast(pa.int64()),
+        "partition": sub.column("partition").cast(pa.int64()),
+    })  # fmt: skip
+
+
+def _components(plan: Plan, _: object) -> dict[str, int]:
+    """Connected components of the linked clips (16 bytes per link, one task): each clip's group
+    partition (by its component's first clip), so a component's links meet in one grouping task."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    pairs = _pairs_of(read_folder(plan.links, ["a", "b"]))
+    gids, inv = np.unique(pairs, return_inverse=True)
+    inv = inv.reshape(-1, 2)
+    n = len(gids)
+    graph = coo_matrix((np.ones(len(inv), np.int8), (inv[:, 0], inv[:, 1])), shape=(n, n))
+    n_comp, label = connected_components(graph, directed=False)
+    _, first = np.unique(label, return_index=True)  # gids are sorted: a component's first clip
+    parts = max(1, math.ceil(n / plan.cfg.rows_per_task))
+    part = _partition_of(gids[first][label], parts)
+    write_parquet(storage.join(plan.work, "labels.parquet"), pa.table({"gid": gids, "part": part}))
+    return {"clips": n, "components": int(n_comp), "parts": parts}
+
+
+def _scatter_links(plan: Plan, batch: int) -> int:
+    """One verification batch's links and rank rows to the group partitions of their components."""
+    labels = read_parquet(storage.join(plan.work, "labels.parquet"))
+    lg, lp = labels.column("gid").to_numpy(), labels.column("part").to_numpy()
+    links = read_parquet(storage.join(plan.links, f"{batch:05d}.parquet"))
+    part = lp[np.searchsorted(lg, links.column("a").to_numpy())]
+    _scatter(links, part, storage.join(plan.work, "groups"), f"l-{batch:05d}")
+    ranks = read_parquet(storage.join(plan.work, "ranks", f"{batch:05d}.parquet"))
+    _scatter(ranks, lp[np.searchsorted(lg, ranks.column("gid").to_numpy())], storage.join(plan.work, "groups"),
+             f"r-{batch:05d}")  # fmt: skip
+    return links.num_rows
+
+
+def _group_part(plan: Plan, part: int) -> dict[str, Any]:
+    """Groups around representatives over whole components; decisions to their input partitions."""
+    cfg = plan.cfg
+    folder = storage.join(plan.work, "groups", f"{part:05d}")
+    links, ranks = _read_named(folder, "l-"), _read_named(folder, "r-")
+    if links is None or ranks is None:
+        return {"partitions": []}
+    ranks = ranks.take(pa.array(np.argsort(ranks.column("gid").to_numpy(), kind="stable")))
+    gids = ranks.column("gid").to_numpy()
+    first = np.r_[True, gids[1:] != gids[:-1]]  # a clip linked in two batches: once
+    ranks, gids = ranks.filter(pa.array(first)), gids[first]
+    keys = ranks.column("key").to_pylist()
+    fixed = plan.fixed(gids)
+    col = {c: ranks.column(c).to_numpy() for c in RANK_COLUMNS if c != "key"}
+    rank = keep_rank(cfg, col["quality"], col["duration"], col["pixels"], col["input_index"], col["clip_index"], keys, fixed)
+    ia, ib = np.searchsorted(gids, links.column("a").to_numpy()), np.searchsorted(gids, links.column("b").to_numpy())
+    local = {(int(x), int(y)): json.loads(s) for x, y, s in zip(ia.tolist(), ib.tolist(), links.column("signals").to_pylist(), strict=True)}
+    decisions = group_links(keys, local, rank, cfg, fixed if fixed.any() else None)
+    counts = _summary(decisions.filter(pa.array(~fixed)), 0, 0)
+    write = grouped_rows(decisions) & ~fixed
+    out = decisions.append_column("gid", pa.array(gids)).append_column("partition", pa.array(col["partition"]))
+    out = out.filter(pa.array(write))
+    _scatter(out, col["partition"][write], storage.join(plan.work, "decisions"), f"{part:05d}")
+    return {k: counts[k] for k in ("duplicates", "groups", "duplicates_per_signal")} | {
+        "partitions": np.unique(col["partition"][write]).tolist()
+    }
+
+
+def _write_partition(plan: Plan, partition: int) -> int:
+    """One input partition's decisions file, rows in clip order (as the single-machine path writes it)."""
+    t = read_folder(storage.join(plan.work, "decisions", f"{partition:05d}"))
+    assert t is not None, partition
+    t = t.take(pa.array(np.argsort(t.column("gid").to_numpy(), kind="stable")))
+    return _write_decisions(plan.decisions, (partition, t.select(DECISION_SCHEMA.names)))
 
 
 def _sub_durations(sub: pa.Table, cfg: DedupConfig) -> np.ndarray:

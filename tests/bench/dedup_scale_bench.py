@@ -325,6 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu_driver = time.process_time() - cpu_driver0
     pool.close()
     load1 = os.getloadavg()
+    links = job.read_links()  # after the measurement: the job's driver never holds them
     result: dict[str, Any] = {
         "clips": args.clips, "files": args.files, "workers": args.workers, "generate_seconds": round(t_gen, 1),
         "wall_seconds": round(wall, 1), "cpu_seconds_workers": round(pool.cpu, 1),
@@ -332,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "worker_peak_rss_mib": round(max(pool.peak.values()) / 2**20, 1),
         "driver_rss_mib_before_peak": [round(driver_mem.start / 2**20, 1), round(driver_mem.peak / 2**20, 1)],
         "load_before_after": [round(load0[0], 2), round(load1[0], 2)],
-        "steps": pool.calls, "summary": summary, "planted": planted_recall(job.links, truth),
+        "steps": pool.calls, "summary": summary, "planted": planted_recall(links, truth),
         "codes_per_clip": {"frames": FRAME_UNITS * SCALES, "audio": AUDIO_UNITS, "embedding_dim": DIM},
         "config": json.loads(args.config),
     }  # fmt: skip
@@ -342,9 +343,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t2 = time.perf_counter()
         exact = brute_force_table_links(_subsample_table(uris, keys), cfg)
         result["brute_force_seconds"] = round(time.perf_counter() - t2, 1)
-        result["quality"] = {"sample_clips": len(rows), **compare(job.links, exact, keys)}
+        result["quality"] = {"sample_clips": len(rows), **compare(links, exact, keys)}
         result["quality_per_signal"] = {
-            s: compare({p: v for p, v in job.links.items() if s in v}, {p: v for p, v in exact.items() if s in v}, keys)
+            s: compare({p: v for p, v in links.items() if s in v}, {p: v for p, v in exact.items() if s in v}, keys)
             for s in ("exact", "frames", "audio", "semantic:visual_embedding")
         }
     return result
