@@ -91,6 +91,8 @@ def test_distributed_job_equals_single_machine(signal_files: list[str], tmp_path
     # every kind of evidence and the hard cases took part
     assert per_signal["exact"] and per_signal["frames"] and per_signal["audio"] and per_signal["semantic:visual_embedding"]
     assert dist["vetoed"] > 0
+    # the pairs, links and components were split: several pair partitions, verify batches and group partitions
+    assert dist["linked_clips"] > JOB["rows_per_task"] and sum(dist["candidates"].values()) > JOB["pairs_per_task"]
     assert any(k.startswith(("orig", "loop")) for p in job.read_links() for k in p)
     single, distributed = _decisions(tmp_path / "single"), _decisions(tmp_path / "dist")
     assert single == distributed
