@@ -1,9 +1,8 @@
 """The dedup decision over signal files: one task for small runs, a distributed job above.
 
-``decide`` is what ``DedupStage.decide`` runs. It never reads rows on the driver: the heavy work
-runs as tasks through the engine's ``run_map`` (Ray Data tasks on the workers, or in-process),
-and the driver holds at most pair-level data (candidate pairs, links, and the rank columns of
-the clips that have links).
+``decide`` is what ``DedupStage.decide`` runs. It never reads rows on the driver: the work runs
+as tasks through the engine's ``run_map`` (Ray Data tasks on the workers, or in-process), and
+between rounds the driver holds counts and lists of partition numbers, never pairs or rows.
 
 **Single task** (fewer than ``distributed_min_rows`` clips, or ``job: single``): one task reads
 every signal file and runs :func:`stages.dedup.find_duplicates`.
@@ -26,14 +25,22 @@ tasks; the shuffles are parquet files under ``STAGING/dedup/work/`` written thro
 5. *semantic* (per embedding field): centroids trained on the sample (one task); each row
    assigned to its home and ``nprobe`` probe cells (a task per file); per-cell exact search
    (a task per cell partition, FAISS; a GPU kNN when faiss has GPUs).
-6. *gather* (a task per signal file): the rows of the candidate pairs, with their common units,
-   copied to the verification group of each of their pairs.
-7. *verify* (a task per group of ``pairs_per_task`` pairs): the precise single-machine rule
-   (``stages.dedup.verified_links``: time-aligned evidence, thresholds, contradiction veto, with
-   the corpus-wide common units) on sub-tables of a few clips, and the exact cosine of the
-   semantic pairs; returns the links and the rank columns of their clips.
-8. the driver groups around representatives over the linked clips only
-   (``group_by_representative``), and a task per input partition writes its decisions.
+   Steps 2, 4 and 5 write their candidate pairs to *pair partitions* (by the pair's first clip).
+6. *pairs* (a task per pair partition): the candidates of every source merged, one row per pair
+   (both sides of an LSH candidate must pass); the clips they need, listed per signal file.
+7. *gather* (a task per signal file): those rows, with their common units, copied to their pair
+   partitions.
+8. *verify* (a task per few pair partitions, ~``pairs_per_task`` pairs): the precise
+   single-machine rule (``stages.dedup.verified_links``: time-aligned evidence, thresholds,
+   contradiction veto, with the corpus-wide common units) on sub-tables of a few clips, and the
+   exact cosine of the semantic pairs. The links go to ``STAGING/dedup/links/`` (kept: the
+   evidence of every pair), the rank columns of their clips to the work folder.
+9. *components* (one task): connected components of the linked clips over the links' two id
+   columns (16 bytes per link; scipy), each clip's group partition from its component.
+10. *scatter* (a task per verify batch) moves links and rank rows to their group partitions;
+    *group* (a task per group partition) groups around representatives over whole components
+    (``group_links``, the single-machine grouping, so the same decisions) and *write* (a task
+    per input partition) writes the decisions.
 
 Clips of earlier outputs (``against``) are read like the new ones (their duplicates, from their
 rejects, left out), ranked before every new clip, never linked to each other and never written
@@ -391,8 +398,11 @@ class DistributedJob:
 
     def _step(self, name: str, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
         t0 = time.perf_counter()
-        out = self.run_map(functools.partial(fn, self.plan), list(items)) if items else []
+        items = list(items)
+        log.info("dedup job: %s, %d tasks", name, len(items))
+        out = self.run_map(functools.partial(fn, self.plan), items) if items else []
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+        log.info("dedup job: %s done in %.1f s", name, time.perf_counter() - t0)
         return out
 
     def run(self) -> dict[str, Any]:

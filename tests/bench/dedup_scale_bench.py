@@ -309,8 +309,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with ProcessPoolExecutor(1, mp_context=spawn) as gen:
         gen.submit(_generate, args.clips, args.files, args.seed, str(work), args.config).result()
     t_gen = time.perf_counter() - t0
-    npz = np.load(work / "truth.npz")
-    truth = {"kind": npz["kind"].astype(object), "source": npz["source"], "family": npz["family"]}
     uris = sorted(str(p) for p in (work / "signals").glob("*.parquet"))
     files = [SignalFile(u, i, False) for i, u in enumerate(uris)]
     counts = [_count_rows(u) for u in uris]
@@ -326,6 +324,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pool.close()
     load1 = os.getloadavg()
     links = job.read_links()  # after the measurement: the job's driver never holds them
+    npz = np.load(work / "truth.npz")  # the truth too (it grows with N): the driver's RSS is the job's
+    truth = {"kind": npz["kind"].astype(object), "source": npz["source"], "family": npz["family"]}
     result: dict[str, Any] = {
         "clips": args.clips, "files": args.files, "workers": args.workers, "generate_seconds": round(t_gen, 1),
         "wall_seconds": round(wall, 1), "cpu_seconds_workers": round(pool.cpu, 1),
