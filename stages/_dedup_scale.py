@@ -40,7 +40,7 @@ tasks; the shuffles are parquet files under ``STAGING/dedup/work/`` written thro
 10. *scatter* (a task per verify batch) moves links and rank rows to their group partitions;
     *group* (a task per group partition) groups around representatives over whole components
     (``group_links``, the single-machine grouping, so the same decisions) and *write* (a task
-    per input partition) writes the decisions.
+    per share of the input partitions, as many as new signal files) writes the decisions files.
 
 Clips of earlier outputs (``against``) are read like the new ones (their duplicates, from their
 rejects, left out), ranked before every new clip, never linked to each other and never written
@@ -364,6 +364,7 @@ class Plan:
     nlist: int = 1
     sample_per_file: int = 0
     group_parts: int = 1  # known after the links
+    write_parts: int = 1  # tasks writing decision files (each a share of the input partitions)
 
     def fixed(self, gids: np.ndarray) -> np.ndarray:
         return (np.asarray(gids) >> np.int64(GID_SHIFT)) < self.n_fixed_files
@@ -390,6 +391,7 @@ class DistributedJob:
             exact_parts=max(1, math.ceil(n / (cfg.rows_per_task * 20))),
             bucket_parts=max(1, math.ceil(2 * codes * cfg.lsh_bands / cfg.codes_per_task)),
             pair_parts=max(1, math.ceil(n / cfg.rows_per_task)),
+            write_parts=max(1, sum(not f.fixed for f in files)),
             files_per_chunk=max(1, cfg.rows_per_task // per_file),
             cell_parts=max(1, math.ceil(n * min(cfg.nprobe, nlist) / (4 * cfg.rows_per_task))),
             nlist=nlist, sample_per_file=math.ceil(min(n, nlist * 32) / max(1, len(files))),
@@ -428,24 +430,23 @@ class DistributedJob:
         self._step("cells", _run_task, [("cells", (field, p)) for field in trained for p in range(self.plan.cell_parts)])
         merged = self._step("pairs", _pair_partition, range(self.plan.pair_parts))
         candidates = _add_counts([m["candidates"] for m in merged])
-        touched = sorted({i for m in merged for i in m["files"]})
-        self._step("gather", _gather, [self.files[i] for i in touched])
+        self._step("gather", _gather, self.files)
         verified = self._step("verify", _verify_batch, _batches([m["pairs"] for m in merged], cfg.pairs_per_task))
-        comp = self._step("components", _components, [[v["batch"] for v in verified if v["n"]]])[0] if verified else None
+        linked = [v["batch"] for v in verified if v["n"]]
+        comp = self._step("components", _components, [None])[0] if linked else {"clips": 0}
         grouped: list[dict[str, Any]] = []
-        if comp is not None and comp["clips"]:
+        if comp["clips"]:
             self.plan = dataclasses.replace(self.plan, group_parts=comp["parts"])
-            self._step("scatter", _scatter_links, [v["batch"] for v in verified if v["n"]])
+            self._step("scatter", _scatter_links, linked)
             grouped = self._step("group", _group_part, range(comp["parts"]))
-        partitions = sorted({p for g in grouped for p in g["partitions"]})
-        self._step("write", _write_partition, partitions)
+            self._step("write", _write_partitions, range(self.plan.write_parts))
         storage.remove_tree(self.work)
-        counts = _add_counts([{k: v for k, v in g.items() if k != "partitions"} for g in grouped])
+        counts = _add_counts(grouped)
         return {
             "rows": n_total - fixed_rows, "against_rows": fixed_rows, "duplicates": counts.get("duplicates", 0),
             "groups": counts.get("groups", 0), "duplicates_per_signal": counts.get("duplicates_per_signal", {}),
             "candidates": candidates, "links": _add_counts([v["links"] for v in verified]),
-            "vetoed": int(sum(v["vetoed"] for v in verified)), "linked_clips": comp["clips"] if comp else 0,
+            "vetoed": int(sum(v["vetoed"] for v in verified)), "linked_clips": comp["clips"],
             "files": len(self.files), "step_seconds": self.seconds,
         }  # fmt: skip
 
@@ -883,20 +884,19 @@ def _pair_partition(plan: Plan, pp: int) -> dict[str, Any]:
         candidates[f"semantic:{field}"] = len(sel)
         parts.append(np.column_stack([sel, np.full(len(sel), SEMANTIC_FLAG << bit)]))
     merged = _merge_pairs(parts)
-    files: list[int] = []
     if len(merged):
         write_parquet(storage.join(plan.work, "pairs", f"{pp:05d}.parquet"),
                       pa.table({"a": merged[:, 0], "b": merged[:, 1], "flags": merged[:, 2]}))  # fmt: skip
         clips = np.unique(merged[:, :2])
-        owner = clips >> np.int64(GID_SHIFT)
-        _scatter(pa.table({"gid": clips}), owner, storage.join(plan.work, "want"), f"{pp:05d}")
-        files = np.unique(owner).tolist()
-    return {"candidates": candidates, "pairs": len(merged), "files": files}
+        _scatter(pa.table({"gid": clips}), clips >> np.int64(GID_SHIFT), storage.join(plan.work, "want"), f"{pp:05d}")
+    return {"candidates": candidates, "pairs": len(merged)}
 
 
 def _gather(plan: Plan, f: SignalFile) -> int:
     """The rows the pair partitions need from one file, with their common units."""
-    want = storage.join(plan.work, "want", f"{f.index:05d}")
+    wanted = storage.listdir(storage.join(plan.work, "want", f"{f.index:05d}"), ".parquet")
+    if not wanted:
+        return 0
     t, gids = load_signals(f, [*SIGNAL_NAMES, "partition"])
     partition = _partitions(f, t)
     t = _signal_table(t).append_column("gid", pa.array(gids)).append_column("partition", pa.array(partition))
@@ -913,13 +913,13 @@ def _gather(plan: Plan, f: SignalFile) -> int:
                 for r, u in zip(pos[ok].tolist(), cu[ok].tolist(), strict=True):
                     lists[r].append(int(u))
         t = t.append_column(f"_common_{name}", pa.array(lists, pa.list_(pa.int64())))
-    wanted = 0
-    for uri in storage.listdir(want, ".parquet"):
+    rows_out = 0
+    for uri in wanted:
         pp = int(uri.rsplit("/", 1)[-1].split(".")[0])
         rows = np.searchsorted(gids, read_parquet(uri).column("gid").to_numpy())
         write_parquet(storage.join(plan.work, "gather", f"{pp:05d}", f"{f.index:06d}.parquet"), t.take(pa.array(rows)))
-        wanted += len(rows)
-    return wanted
+        rows_out += len(rows)
+    return rows_out
 
 
 def _verify_batch(plan: Plan, pps: list[int]) -> dict[str, Any]:
@@ -1061,7 +1061,7 @@ def _group_part(plan: Plan, part: int) -> dict[str, Any]:
     folder = storage.join(plan.work, "groups", f"{part:05d}")
     links, ranks = _read_named(folder, "l-"), _read_named(folder, "r-")
     if links is None or ranks is None:
-        return {"partitions": []}
+        return {}
     ranks = ranks.take(pa.array(np.argsort(ranks.column("gid").to_numpy(), kind="stable")))
     gids = ranks.column("gid").to_numpy()
     first = np.r_[True, gids[1:] != gids[:-1]]  # a clip linked in two batches: once
@@ -1077,18 +1077,22 @@ def _group_part(plan: Plan, part: int) -> dict[str, Any]:
     write = grouped_rows(decisions) & ~fixed
     out = decisions.append_column("gid", pa.array(gids)).append_column("partition", pa.array(col["partition"]))
     out = out.filter(pa.array(write))
-    _scatter(out, col["partition"][write], storage.join(plan.work, "decisions"), f"{part:05d}")
-    return {k: counts[k] for k in ("duplicates", "groups", "duplicates_per_signal")} | {
-        "partitions": np.unique(col["partition"][write]).tolist()
-    }
+    _scatter(out, col["partition"][write] % plan.write_parts, storage.join(plan.work, "decisions"), f"{part:05d}")
+    return {k: counts[k] for k in ("duplicates", "groups", "duplicates_per_signal")}
 
 
-def _write_partition(plan: Plan, partition: int) -> int:
-    """One input partition's decisions file, rows in clip order (as the single-machine path writes it)."""
-    t = read_folder(storage.join(plan.work, "decisions", f"{partition:05d}"))
-    assert t is not None, partition
-    t = t.take(pa.array(np.argsort(t.column("gid").to_numpy(), kind="stable")))
-    return _write_decisions(plan.decisions, (partition, t.select(DECISION_SCHEMA.names)))
+def _write_partitions(plan: Plan, share: int) -> int:
+    """The decisions files of the input partitions ``p`` with ``p % write_parts == share``, rows in
+    clip order (as the single-machine path writes them)."""
+    t = read_folder(storage.join(plan.work, "decisions", f"{share:05d}"))
+    if t is None:
+        return 0
+    t = t.take(pa.array(np.lexsort((t.column("gid").to_numpy(), t.column("partition").to_numpy()))))
+    partition = t.column("partition").to_numpy()
+    bounds = np.flatnonzero(np.r_[True, partition[1:] != partition[:-1], True])
+    for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        _write_decisions(plan.decisions, (int(partition[s]), t.slice(s, e - s).select(DECISION_SCHEMA.names)))
+    return t.num_rows
 
 
 def _sub_durations(sub: pa.Table, cfg: DedupConfig) -> np.ndarray:

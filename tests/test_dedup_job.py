@@ -218,3 +218,22 @@ def test_against_earlier_outputs(job: str, real_rows: list[dict[str, Any]], tmp_
     for key in ("orig05_0000", "orig06_0000"):
         assert decided.get(key, {}).get("duplicate_of") is None
     assert summary["against_rows"] == len(old)
+
+
+def test_distributed_job_without_links(tmp_path: Path) -> None:
+    """Only hard negatives: candidates are generated and all refused; no links, no decisions, nothing left over."""
+    cols, truth = synth_signals(400, seed=3, copy_fraction=0.0, negative_fraction=0.3)
+    # two negatives of one kind made from the same clip are true copies of each other: keep one
+    derived = [(k, s) for k, s in zip(truth["kind"].tolist(), truth["source"].tolist(), strict=True)]
+    rows = np.array([i for i, d in enumerate(derived) if d[1] < 0 or derived.index(d) == i])
+    uris = []
+    for p in range(2):
+        path = tmp_path / "signals" / f"{p:06d}-synth.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(synth_table(cols, rows[p::2], p), path)
+        uris.append(str(path))
+    summary = decide(uris, [], DedupConfig(job="distributed", semantic=False, **JOB), str(tmp_path / "d" / "decisions"),
+                     map_in_process)  # fmt: skip
+    assert sum(summary["candidates"].values()) > 0 and summary["vetoed"] > 0
+    assert summary["duplicates"] == 0 and summary["linked_clips"] == 0 and not summary["links"]
+    assert not list((tmp_path / "d").rglob("*.parquet"))  # no decisions, no links, the work folder removed
