@@ -43,7 +43,8 @@ partition not committed earlier, and of a committed partition with ``retry_video
 ids (such a partition lies wholly in one block: its count is the number of retried videos). The
 LIST must not change between a run and its resume (record numbers are partition keys).
 
-``iter_partitions`` is the earlier driver-side reader (kept for comparison in the benchmark).
+``iter_rows`` streams every row in LIST order (`avforge run --dry-run`); ``iter_partitions`` is the
+earlier driver-side reader (kept for comparison in the benchmark).
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from pipeline.resume import (
 from pipeline.stage import MapFn, Row, Stage, StageContext, map_in_process
 from pipeline.storage import OutputStore, StagingArea
 from pipeline.writer import OutputTarget, PhaseWriter, ShardWriter
-from stages.ingest import read_inputs
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +204,21 @@ def _stats(store: OutputStore, totals: dict[str, Any], committer: Committer, inp
 
 
 def dry_run(input_list: str | Path, config: RunConfig) -> dict[str, Any]:
-    """Validate the inputs without processing: ingest, then each download's preflight checks."""
+    """Validate the inputs without processing: ingest, then each download's preflight checks.
+
+    The LIST is streamed (``pipeline.ingest.iter_rows``): memory holds the counts, one example per
+    outcome and one preflight result per host, not the rows."""
     from pipeline.errors import StageError
+    from pipeline.ingest import iter_rows
     from stages.download import DownloadStage
 
-    rows = read_inputs(input_list)
+    inputs = 0
     checker = DownloadStage(config.download, StageContext())
     outcome: Counter[str] = Counter()
     examples: dict[str, str] = {}
     checked_hosts: dict[str, str | None] = {}
-    for row in rows:
+    for row in iter_rows(input_list):
+        inputs += 1
         reason = f"{row['error_stage']}/{row['error_type']}" if row.get("error_stage") else None
         if reason is None:
             url = row.get("fetch_url") or row["source_url"]
@@ -231,7 +235,7 @@ def dry_run(input_list: str | Path, config: RunConfig) -> dict[str, Any]:
         outcome[reason or "ok"] += 1
         if reason:
             examples.setdefault(reason, row["source_url"])
-    return {"inputs": len(rows), "outcomes": dict(outcome), "examples": examples, "stages": config.stages}
+    return {"inputs": inputs, "outcomes": dict(outcome), "examples": examples, "stages": config.stages}
 
 
 def run_pipeline(
