@@ -445,7 +445,8 @@ class DistributedJob:
         return {
             "rows": n_total - fixed_rows, "against_rows": fixed_rows, "duplicates": counts.get("duplicates", 0),
             "groups": counts.get("groups", 0), "duplicates_per_signal": counts.get("duplicates_per_signal", {}),
-            "candidates": candidates, "links": _add_counts([v["links"] for v in verified]),
+            "candidates": candidates, "candidate_pairs": int(sum(m["pairs"] for m in merged)),
+            "links": _add_counts([v["links"] for v in verified]),
             "vetoed": int(sum(v["vetoed"] for v in verified)), "linked_clips": comp["clips"],
             "files": len(self.files), "step_seconds": self.seconds,
         }  # fmt: skip
