@@ -831,13 +831,19 @@ def _cell_reduce(plan: Plan, item: tuple[str, int]) -> int:
     return _write_candidates(plan, pairs, "cand", f"sem{bit}-{part:05d}", SEMANTIC_FLAG << bit)
 
 
+@functools.cache
+def _gpu_resources() -> Any:
+    """One FAISS GPU resource object per process (its scratch memory is reused across cells)."""
+    return _faiss().StandardGpuResources()
+
+
 def cell_search(q: np.ndarray, m: np.ndarray, threshold: float, neighbors: int, use_gpu: bool) -> tuple[np.ndarray, np.ndarray]:
     """(query index, member index) of inner products >= ``threshold``: FAISS flat range search on
     CPU; on a GPU (faiss-gpu) a kNN of ``neighbors`` per query, filtered by the threshold."""
     faiss = _faiss()
     if use_gpu and _gpu_count() > 0:
         k = min(len(m), neighbors + 1)
-        sims, ids = faiss.knn_gpu(faiss.StandardGpuResources(), q, m, k, metric=faiss.METRIC_INNER_PRODUCT)
+        sims, ids = faiss.knn_gpu(_gpu_resources(), q, m, k, metric=faiss.METRIC_INNER_PRODUCT)
         qi = np.repeat(np.arange(len(q)), k)
         ok = (ids.reshape(-1) >= 0) & (sims.reshape(-1) >= threshold)
         return qi[ok], ids.reshape(-1)[ok].astype(np.int64)
