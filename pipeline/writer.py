@@ -103,13 +103,14 @@ class ShardWriter:
 
     # ------------------------------------------------------------------ one partition group
 
-    def _wanted(self, row: Row) -> bool:
+    def wanted(self, row: Row) -> bool:
+        """Whether this run writes ``row``: of a video retried for clip-level errors, only those clips."""
         keys = self.only_keys.get(row["video_id"])
         return keys is None or row.get("key") is None or row["key"] in keys
 
     def _write_group(self, partition: int, rows: list[Row]) -> dict[str, Any]:
         # the one place rows are made safe for strict JSON and parquet (finite numbers, valid UTF-8)
-        rows = [sanitize_record(r) for r in rows if self._wanted(r)]
+        rows = [sanitize_record(r) for r in rows if self.wanted(r)]
         kept = sorted((r for r in rows if classify(r) == "keep"), key=lambda r: r["key"])
         rejects = sorted((r for r in rows if classify(r) == "reject"), key=lambda r: r.get("key") or r["video_id"])
         errors = sorted((r for r in rows if classify(r) == "error"), key=lambda r: (r.get("key") or "", r["video_id"]))
@@ -165,10 +166,10 @@ class ShardWriter:
         storage.put_file(tmp, self.target.path(*rel))
         tmp.unlink(missing_ok=True)
 
-    def _write_parquet(self, table: pa.Table, *rel: str) -> None:
-        self._write_parquet_to(table, self.target.path(*rel))
+    def write_parquet(self, table: pa.Table, *rel: str) -> None:
+        self.write_parquet_to(table, self.target.path(*rel))
 
-    def _write_parquet_to(self, table: pa.Table, uri: str) -> None:
+    def write_parquet_to(self, table: pa.Table, uri: str) -> None:
         """A parquet file written whole to a temporary name, then moved or uploaded to ``uri``."""
         tmp = self._tmp(".parquet")
         pq.write_table(table, tmp)
@@ -209,7 +210,7 @@ class ShardWriter:
             self._publish(tmp, layout.SHARDS, stem + layout.TAR)  # the tar first: a sidecar means a whole tar
             table = to_table(rows).select(list(index_fields(Clip)))
             table = table.append_column(pa.field(*SHARD_FIELD), pa.array([stem + layout.TAR] * len(rows), pa.string()))
-            self._write_parquet(table, layout.SHARDS, stem + layout.SIDECAR)
+            self.write_parquet(table, layout.SHARDS, stem + layout.SIDECAR)
             log.info("wrote shard %s.tar (%d samples, %.1f MiB)", stem, len(rows), nbytes / 2**20)
             written.append({"name": stem, "rows": len(rows), "bytes": nbytes})
             tmp, tar, rows, size = None, None, [], 0
@@ -235,7 +236,7 @@ class ShardWriter:
 
     def _write_rejects(self, partition: int, rows: list[Row]) -> str:
         name = layout.part_name("rejects", partition, (r.get("key") or r["video_id"] for r in rows))
-        self._write_parquet(to_table(rows).select(list(index_fields(Clip))), layout.PARTS, name)
+        self.write_parquet(to_table(rows).select(list(index_fields(Clip))), layout.PARTS, name)
         return name
 
     def _write_errors(self, partition: int, rows: list[Row]) -> str:
@@ -254,7 +255,7 @@ class ShardWriter:
             for r in rows
         ]
         name = layout.part_name("errors", partition, (f"{r['video_id']}/{r.get('key')}/{r['error_stage']}" for r in rows))
-        self._write_parquet(pa.Table.from_pylist(recs, schema=error_part_schema()), layout.PARTS, name)
+        self.write_parquet(pa.Table.from_pylist(recs, schema=error_part_schema()), layout.PARTS, name)
         return name
 
 
@@ -282,7 +283,7 @@ class PhaseWriter:
         return self.shards.target
 
     def write(self, rows: list[Row]) -> list[dict[str, Any]]:
-        rows = [r for r in rows if self.shards._wanted(r)]
+        rows = [r for r in rows if self.shards.wanted(r)]
         done = [r for r in rows if classify(r) != "keep"]
         manifests = self.shards.write(done) if done else []
         groups: dict[int, list[Row]] = defaultdict(list)
@@ -293,9 +294,9 @@ class PhaseWriter:
             part = sorted(groups[p], key=lambda r: r["key"])
             name = layout.phase_file_name(p, self.phase, (r["key"] for r in part))
             staged = storage.join(self.staging_uri, f"phase{self.phase}", name)
-            self.shards._write_parquet_to(to_table(part), staged)
+            self.shards.write_parquet_to(to_table(part), staged)
             signals = self.stage.phase_signals(part)
             signals = signals.append_column("partition", pa.array([p] * signals.num_rows, pa.int64()))
-            self.shards._write_parquet(signals, layout.SIGNALS, name)
+            self.shards.write_parquet(signals, layout.SIGNALS, name)
             manifests.append({"partition": p, "staged": staged, "signals": name, "rows": len(part)})
         return manifests
