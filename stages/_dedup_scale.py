@@ -151,8 +151,10 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     os.replace(tmp, target)
 
 
-def read_folder(uri: str, columns: Sequence[str] | None = None) -> pa.Table | None:
-    tables = [read_parquet(u, columns) for u in storage.listdir(uri, ".parquet")]
+def read_folder(uri: str, columns: Sequence[str] | None = None, prefix: str = "") -> pa.Table | None:
+    """The parquet files of a folder (those whose names start with ``prefix``), concatenated; None if none has rows."""
+    names = [u for u in storage.listdir(uri, ".parquet") if u.rsplit("/", 1)[-1].startswith(prefix)]
+    tables = [read_parquet(u, columns) for u in names]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else None
 
@@ -372,21 +374,24 @@ class Plan:
     def chunk(self, gids: np.ndarray) -> np.ndarray:
         return (np.asarray(gids) >> np.int64(GID_SHIFT)) // self.files_per_chunk
 
+    def new_pairs(self, pairs: np.ndarray) -> np.ndarray:
+        """The pairs (k x 2) that are not two clips of earlier outputs."""
+        return pairs[~(self.fixed(pairs[:, 0]) & self.fixed(pairs[:, 1]))]
+
 
 class DistributedJob:
     def __init__(
         self, files: list[SignalFile], counts: list[tuple[int, int]], cfg: DedupConfig, out_uri: str, run_map: MapFn
     ) -> None:
         """``counts``: (rows, codes) per file (``_count_rows``): partition counts follow from them."""
-        self.files, self.cfg, self.out_uri, self.run_map = files, cfg, out_uri, run_map
+        self.files, self.cfg, self.run_map = files, cfg, run_map
         n = max(1, int(sum(c[0] for c in counts)))
         codes = int(sum(c[1] for c in counts))
         per_file = max(1, n // max(1, len(files)))
         parent = str(out_uri).rstrip("/").rsplit("/", 1)[0]
-        self.work = storage.join(parent, "work")
         nlist = ivf_nlist(n)
         self.plan = Plan(
-            cfg=cfg, work=self.work, links=storage.join(parent, "links"), decisions=str(out_uri),
+            cfg=cfg, work=storage.join(parent, "work"), links=storage.join(parent, "links"), decisions=str(out_uri),
             n_fixed_files=sum(f.fixed for f in files),
             exact_parts=max(1, math.ceil(n / (cfg.rows_per_task * 20))),
             bucket_parts=max(1, math.ceil(2 * codes * cfg.lsh_bands / cfg.codes_per_task)),
@@ -410,7 +415,7 @@ class DistributedJob:
     def run(self) -> dict[str, Any]:
         """Rounds of tasks; between them the driver holds counts and lists of partitions only."""
         cfg = self.cfg
-        storage.remove_tree(self.work)
+        storage.remove_tree(self.plan.work)
         storage.remove_tree(self.plan.links)
         scans = self._step("scan", _scan, self.files)
         n_total = int(sum(s["rows"] for s in scans))
@@ -440,7 +445,7 @@ class DistributedJob:
             self._step("scatter", _scatter_links, linked)
             grouped = self._step("group", _group_part, range(comp["parts"]))
             self._step("write", _write_partitions, range(self.plan.write_parts))
-        storage.remove_tree(self.work)
+        storage.remove_tree(self.plan.work)
         counts = _add_counts(grouped)
         return {
             "rows": n_total - fixed_rows, "against_rows": fixed_rows, "duplicates": counts.get("duplicates", 0),
@@ -535,6 +540,14 @@ def _merge_pairs(parts: list[np.ndarray]) -> np.ndarray:
     flags = np.zeros(len(uniq), np.int64)
     np.bitwise_or.at(flags, inverse.reshape(-1), allp[:, 2])
     return np.column_stack([uniq, flags])
+
+
+def _by_gid(t: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """The rows of ``t`` in clip-id order, one per clip id (the first), and their ids."""
+    t = t.take(pa.array(np.argsort(t.column("gid").to_numpy(), kind="stable")))
+    gids = t.column("gid").to_numpy()
+    first = np.r_[True, gids[1:] != gids[:-1]]
+    return (t, gids) if first.all() else (t.filter(pa.array(first)), gids[first])
 
 
 def _pairs_of(t: pa.Table | None) -> np.ndarray:
@@ -644,8 +657,7 @@ def _exact_reduce(plan: Plan, part: int) -> int:
     start = np.ones(len(gids), bool)
     start[1:] = hashes[1:] != hashes[:-1]
     first = gids[np.maximum.accumulate(np.where(start, np.arange(len(gids)), 0))]
-    pairs = np.column_stack([first, gids])[~start]
-    pairs = pairs[~(plan.fixed(pairs[:, 0]) & plan.fixed(pairs[:, 1]))]
+    pairs = np.column_stack([first, gids])[~start]  # two earlier outputs' clips: left out by the pair partition
     return _write_candidates(plan, pairs, "cand", f"exact-{part:05d}", EXACT_FLAG)
 
 
@@ -855,21 +867,11 @@ def cell_search(q: np.ndarray, m: np.ndarray, threshold: float, neighbors: int, 
     return qi[ok], ids[ok].astype(np.int64)
 
 
-def _read_named(folder: str, prefix: str) -> pa.Table | None:
-    """The parquet files of ``folder`` whose names start with ``prefix``, concatenated."""
-    tables = [read_parquet(u) for u in storage.listdir(folder, ".parquet") if u.rsplit("/", 1)[-1].startswith(prefix)]
-    tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else None
-
-
 def _pair_partition(plan: Plan, pp: int) -> dict[str, Any]:
     """One pair partition (pairs by their first clip): the candidates of every source merged into
     one row per pair, and the clips they need listed per signal file for the gather."""
     cfg = plan.cfg
-
-    def new(p: np.ndarray) -> np.ndarray:  # not two clips of earlier outputs
-        return p[~(plan.fixed(p[:, 0]) & plan.fixed(p[:, 1]))]
-
+    new = plan.new_pairs
     cand = read_folder(storage.join(plan.work, "cand", f"{pp:05d}"))
     pairs = _pairs_of(cand)
     flags = cand.column("flags").to_numpy() if cand is not None else np.zeros(0, np.int64)
@@ -882,7 +884,7 @@ def _pair_partition(plan: Plan, pp: int) -> dict[str, Any]:
     for name in PERCEPTUAL:
         if getattr(cfg, name):
             folder = storage.join(plan.work, f"side-{name}", f"{pp:05d}")
-            both = new(_intersect(_pairs_of(_read_named(folder, "a-")), _pairs_of(_read_named(folder, "b-"))))
+            both = new(_intersect(_pairs_of(read_folder(folder, prefix="a-")), _pairs_of(read_folder(folder, prefix="b-"))))
             candidates[name] = len(both)
             parts.append(np.column_stack([both, np.zeros(len(both), np.int64)]))
     for bit, field in enumerate(cfg.semantic_fields if cfg.semantic else []):
@@ -937,12 +939,7 @@ def _verify_batch(plan: Plan, pps: list[int]) -> dict[str, Any]:
     cand = pa.concat_tables([read_parquet(storage.join(plan.work, "pairs", f"{pp:05d}.parquet")) for pp in pps])
     pairs = np.column_stack([cand.column(c).to_numpy() for c in ("a", "b", "flags")]).astype(np.int64)
     gathered = [read_folder(storage.join(plan.work, "gather", f"{pp:05d}")) for pp in pps]
-    t = pa.concat_tables([g for g in gathered if g is not None])
-    t = t.take(pa.array(np.argsort(t.column("gid").to_numpy(), kind="stable")))
-    gids = t.column("gid").to_numpy()
-    first = np.r_[True, gids[1:] != gids[:-1]]  # a clip gathered for two of the partitions: once
-    if not first.all():
-        t, gids = t.filter(pa.array(first)), gids[first]
+    t, gids = _by_gid(pa.concat_tables([g for g in gathered if g is not None]))  # a clip gathered twice: once
     a, b = np.searchsorted(gids, pairs[:, 0]), np.searchsorted(gids, pairs[:, 1])
     flags = pairs[:, 2]
     fixed = plan.fixed(gids)
@@ -1066,13 +1063,10 @@ def _group_part(plan: Plan, part: int) -> dict[str, Any]:
     """Groups around representatives over whole components; decisions to their input partitions."""
     cfg = plan.cfg
     folder = storage.join(plan.work, "groups", f"{part:05d}")
-    links, ranks = _read_named(folder, "l-"), _read_named(folder, "r-")
+    links, ranks = read_folder(folder, prefix="l-"), read_folder(folder, prefix="r-")
     if links is None or ranks is None:
         return {}
-    ranks = ranks.take(pa.array(np.argsort(ranks.column("gid").to_numpy(), kind="stable")))
-    gids = ranks.column("gid").to_numpy()
-    first = np.r_[True, gids[1:] != gids[:-1]]  # a clip linked in two batches: once
-    ranks, gids = ranks.filter(pa.array(first)), gids[first]
+    ranks, gids = _by_gid(ranks)  # a clip linked in two batches: once
     keys = ranks.column("key").to_pylist()
     fixed = plan.fixed(gids)
     col = {c: ranks.column(c).to_numpy() for c in RANK_COLUMNS if c != "key"}
