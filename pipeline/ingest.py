@@ -43,8 +43,8 @@ partition not committed earlier, and of a committed partition with ``retry_video
 ids (such a partition lies wholly in one block: its count is the number of retried videos). The
 LIST must not change between a run and its resume (record numbers are partition keys).
 
-``iter_rows`` streams every row in LIST order (`avforge run --dry-run`); ``iter_partitions`` is the
-earlier driver-side reader (kept for comparison in the benchmark).
+``iter_partitions`` is the earlier driver-side reader over ``stages.ingest.iter_rows`` (kept for
+comparison in the benchmark).
 """
 
 from __future__ import annotations
@@ -71,9 +71,8 @@ from stages.ingest import (
     count_lines,
     detect_encoding,
     duplicate_row,
-    iter_records,
+    iter_rows,
     list_uri,
-    mark_duplicates,
     read_csv_header,
     record_to_row,
     records_from_bytes,
@@ -89,17 +88,6 @@ class IngestCounts:
     inputs: int = 0
     unusable: int = 0
     partitions: int = 0  # partitions of the LIST (numbered 0 .. partitions - 1)
-
-
-def _local_list(list_path: str | Path) -> Path:
-    uri = list_uri(list_path)
-    return storage.localize(uri) if storage.is_remote(uri) else Path(uri)
-
-
-def iter_rows(list_path: str | Path) -> Iterator[Row]:
-    """Every input as a row (a video row or an ingest error row), in LIST order, lazily."""
-    path = _local_list(list_path)
-    return mark_duplicates(record_to_row(rec, i) for i, rec in enumerate(iter_records(path)))
 
 
 def iter_partitions(

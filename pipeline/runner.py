@@ -206,11 +206,11 @@ def _stats(store: OutputStore, totals: dict[str, Any], committer: Committer, inp
 def dry_run(input_list: str | Path, config: RunConfig) -> dict[str, Any]:
     """Validate the inputs without processing: ingest, then each download's preflight checks.
 
-    The LIST is streamed (``pipeline.ingest.iter_rows``): memory holds the counts, one example per
+    The LIST is streamed (``stages.ingest.iter_rows``): memory holds the counts, one example per
     outcome and one preflight result per host, not the rows."""
     from pipeline.errors import StageError
-    from pipeline.ingest import iter_rows
     from stages.download import DownloadStage
+    from stages.ingest import iter_rows
 
     inputs = 0
     checker = DownloadStage(config.download, StageContext())

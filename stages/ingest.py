@@ -591,10 +591,16 @@ def list_uri(list_path: str | Path) -> str:
     return text
 
 
-def read_inputs(list_path: str | Path) -> list[Row]:
-    """Rows for every input: a video row, or an error row for a line that cannot be used."""
+def iter_rows(list_path: str | Path) -> Iterator[Row]:
+    """Every input as a row (a video row, or an error row for a line that cannot be used), in LIST
+    order, lazily."""
     uri = list_uri(list_path)
     path = storage.localize(uri) if storage.is_remote(uri) else Path(uri)
-    rows = list(mark_duplicates(record_to_row(rec, i) for i, rec in enumerate(iter_records(path))))
-    log.info("ingest: %d inputs from %s (%d unusable)", len(rows), path, sum(1 for r in rows if r.get("error")))
+    return mark_duplicates(record_to_row(rec, i) for i, rec in enumerate(iter_records(path)))
+
+
+def read_inputs(list_path: str | Path) -> list[Row]:
+    """:func:`iter_rows` as a list."""
+    rows = list(iter_rows(list_path))
+    log.info("ingest: %d inputs from %s (%d unusable)", len(rows), list_path, sum(1 for r in rows if r.get("error")))
     return rows
