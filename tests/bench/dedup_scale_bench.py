@@ -278,12 +278,11 @@ def _subsample_table(uris: list[str], keys: set[str]) -> pa.Table:
     """The signal rows of ``keys``, in file order (the order the job numbers clips in)."""
     import pyarrow.compute as pc
 
-    from stages.dedup import SIGNAL_FIELDS
+    from stages._dedup_scale import SIGNAL_NAMES
 
-    names = [n for n, _ in SIGNAL_FIELDS]
     value_set = pa.array(sorted(keys), pa.string())
     return pa.concat_tables(
-        [t.filter(pc.is_in(t.column("key"), value_set=value_set)) for t in (pq.read_table(u, columns=names) for u in uris)]
+        [t.filter(pc.is_in(t.column("key"), value_set=value_set)) for t in (pq.read_table(u, columns=SIGNAL_NAMES) for u in uris)]
     )
 
 
